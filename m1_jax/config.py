@@ -1,0 +1,346 @@
+"""ModelConfig: every architectural constant of MiniMax-M1, presets, and HF config mapping.
+
+One frozen, hashable dataclass (static under jit). Presets come from `get_config(name)`. `from_hf` / `to_hf`
+read and write both the official config.json keys (`attn_type_list`, `layernorm_*_alpha`, `rotary_dim`) and
+transformers' keys (`layer_types`, `*_alpha_factor`, `rope_parameters`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from typing import Any
+
+import numpy as np
+
+LIGHTNING = "lightning"
+SOFTMAX = "softmax"
+LAYER_TYPES = (LIGHTNING, SOFTMAX)
+
+# Official attn_type_list codes and transformers' layer_types names for our two layer kinds.
+_OFFICIAL_CODE = {LIGHTNING: 0, SOFTMAX: 1}
+_HF_NAME = {LIGHTNING: "linear_attention", SOFTMAX: "full_attention"}
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a MiniMax-M1-style hybrid lightning/softmax MoE decoder."""
+
+    vocab_size: int = 200_064
+    hidden_size: int = 6144
+    num_layers: int = 80
+    num_heads: int = 64
+    num_kv_heads: int = 8
+    head_dim: int = 128
+    # Layer kinds, one per layer: "lightning" (linear attention with decay) or "softmax".
+    layer_types: tuple[str, ...] = tuple(SOFTMAX if i % 8 == 7 else LIGHTNING for i in range(80))
+    # RoPE on the first rotary_dim dims of each softmax head (rotate-half within that slice).
+    rotary_dim: int = 64
+    rope_theta: float = 10_000_000.0
+    max_position_embeddings: int = 10_240_000
+    # Post-norm residual scales: x' = alpha * norm(x) + beta * f(norm(x)).
+    lightning_alpha: float = 3.5565588200778455
+    lightning_beta: float = 1.0
+    softmax_alpha: float = 3.5565588200778455
+    softmax_beta: float = 1.0
+    mlp_alpha: float = 3.5565588200778455
+    mlp_beta: float = 1.0
+    rms_norm_eps: float = 1e-5
+    # The official code never passes the config eps to the lightning output norm, so it keeps 1e-6.
+    lightning_norm_eps: float = 1e-6
+    block_size: int = 256
+    # MoE.
+    num_experts: int = 32
+    num_experts_per_tok: int = 2
+    expert_dim: int = 9216
+    router_aux_loss_coef: float = 0.001
+    router_jitter_noise: float = 0.0
+    # M1's fix for the train/inference probability mismatch: the LM head matmul runs in float32.
+    fp32_lm_head: bool = True
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    param_dtype: str = "float32"
+    dtype: str = "bfloat16"  # compute dtype of activations and matmuls
+    # Softmax-attention block sizes for the memory-efficient (flash-style) path.
+    attention_block_q: int = 512
+    attention_block_kv: int = 512
+    # Rematerialise each scanned layer group in the backward pass ("none" | "full" | "dots").
+    remat_policy: str = "full"
+
+    def __post_init__(self):
+        object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        self.validate()
+
+    # ---------------------------------------------------------------- validation
+    def validate(self) -> None:
+        def bad(msg):
+            raise ValueError(f"ModelConfig: {msg}")
+
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                                  "num_experts", "num_experts_per_tok", "expert_dim", "block_size", "attention_block_q",
+                                  "attention_block_kv", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or value <= 0:
+                bad(f"{name} must be a positive integer, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            bad(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})")
+        if self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim:
+            bad(f"rotary_dim must be even and in (0, head_dim={self.head_dim}], got {self.rotary_dim}")
+        if len(self.layer_types) != self.num_layers:
+            bad(f"len(layer_types)={len(self.layer_types)} != num_layers={self.num_layers}")
+        unknown = sorted(set(self.layer_types) - set(LAYER_TYPES))
+        if unknown:
+            bad(f"unknown layer type(s) {unknown}; use {LAYER_TYPES}")
+        if self.num_experts_per_tok > self.num_experts:
+            bad(f"num_experts_per_tok ({self.num_experts_per_tok}) > num_experts ({self.num_experts})")
+        for name in ("rms_norm_eps", "lightning_norm_eps", "rope_theta"):
+            if not getattr(self, name) > 0:
+                bad(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("param_dtype", "dtype"):
+            if getattr(self, name) not in _DTYPES:
+                bad(f"{name} must be one of {_DTYPES}, got {getattr(self, name)!r}")
+        if self.remat_policy not in ("none", "full", "dots"):
+            bad(f"remat_policy must be 'none', 'full' or 'dots', got {self.remat_policy!r}")
+        if self.router_aux_loss_coef < 0 or self.router_jitter_noise < 0:
+            bad("router_aux_loss_coef and router_jitter_noise must be >= 0")
+
+    # ---------------------------------------------------------------- derived facts
+    @property
+    def attention_dim(self) -> int:
+        """Inner width of attention (num_heads * head_dim); 8192 for M1, not hidden_size."""
+        return self.num_heads * self.head_dim
+
+    @property
+    def group_period(self) -> int:
+        """Smallest period p of layer_types that divides num_layers (8 for M1: 7 lightning + 1 softmax).
+
+        The model scans over num_layers // p identical groups of p layers, so an 80-layer model compiles
+        one group. A non-periodic pattern gives p = num_layers (one group, layers unrolled).
+        """
+        types = self.layer_types
+        for p in range(1, self.num_layers + 1):
+            if self.num_layers % p == 0 and all(types[i] == types[i % p] for i in range(self.num_layers)):
+                return p
+        return self.num_layers
+
+    @property
+    def num_groups(self) -> int:
+        return self.num_layers // self.group_period
+
+    def head_slopes(self) -> np.ndarray:
+        """ALiBi slopes s_h of the official code (with its workaround for non-power-of-two head counts)."""
+        return np.asarray(_alibi_slopes(self.num_heads), np.float64)
+
+    def layer_decay_factor(self, layer_idx):
+        """Per-layer decay multiplier (1 - l / (L - 1) + 1e-5), as the official code; works on traced l."""
+        if self.num_layers <= 1:
+            return 1.0 + 1e-5
+        return 1.0 - layer_idx / (self.num_layers - 1) + 1e-5
+
+    def lightning_decays(self) -> np.ndarray:
+        """lambda[l, h] for every layer (rows of softmax layers are unused), float64."""
+        layers = np.arange(self.num_layers, dtype=np.float64)
+        return np.asarray(self.layer_decay_factor(layers))[:, None] * self.head_slopes()[None, :]
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ---------------------------------------------------------------- HF mapping
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], **overrides) -> "ModelConfig":
+        """Reads an official (MiniMax-AI) or transformers-style config.json dict."""
+        hf = dict(hf)
+        num_layers = int(hf["num_hidden_layers"])
+        num_heads = int(hf["num_attention_heads"])
+        head_dim = int(hf.get("head_dim") or hf["hidden_size"] // num_heads)
+        if "attn_type_list" in hf:
+            codes = {0: LIGHTNING, 1: SOFTMAX}
+            try:
+                layer_types = tuple(codes[int(c)] for c in hf["attn_type_list"])
+            except KeyError as e:
+                raise ValueError(f"attn_type_list holds {e.args[0]!r}; expected 0 (lightning) or 1 (softmax)") from None
+        elif "layer_types" in hf and hf["layer_types"] is not None:
+            names = {v: k for k, v in _HF_NAME.items()}
+            try:
+                layer_types = tuple(names[t] for t in hf["layer_types"])
+            except KeyError as e:
+                raise ValueError(f"layer_types holds {e.args[0]!r}; expected one of {list(names)}") from None
+        else:
+            # transformers' default when neither key is present: full attention at even layers.
+            layer_types = tuple(SOFTMAX if (i + 1) % 2 else LIGHTNING for i in range(num_layers))
+
+        rope = hf.get("rope_parameters") or {}
+        rope_theta = float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0)))
+        if hf.get("rotary_dim") is not None:
+            rotary_dim = int(hf["rotary_dim"])
+        elif rope.get("partial_rotary_factor") is not None or hf.get("partial_rotary_factor") is not None:
+            factor = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
+            rotary_dim = int(head_dim * float(factor))
+        else:
+            rotary_dim = head_dim  # what transformers computes with neither key: whole-head RoPE
+
+        def pick(official, hf_key, default=1.0):
+            for key in (official, hf_key):
+                if hf.get(key) is not None:
+                    return float(hf[key])
+            return default
+
+        if hf.get("shared_intermediate_size"):
+            raise ValueError(f"shared experts (shared_intermediate_size={hf['shared_intermediate_size']}) "
+                                              "are not supported; MiniMax-M1 has none")
+        if hf.get("postnorm") is False:
+            raise ValueError("postnorm=false is not supported; MiniMax-M1 uses post-norm residuals")
+        kwargs = dict(
+                vocab_size=int(hf["vocab_size"]),
+                hidden_size=int(hf["hidden_size"]),
+                num_layers=num_layers,
+                num_heads=num_heads,
+                num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
+                head_dim=head_dim,
+                layer_types=layer_types,
+                rotary_dim=rotary_dim,
+                rope_theta=rope_theta,
+                max_position_embeddings=int(hf.get("max_position_embeddings", 10_240_000)),
+                lightning_alpha=pick("layernorm_linear_attention_alpha", "linear_attn_alpha_factor"),
+                lightning_beta=pick("layernorm_linear_attention_beta", "linear_attn_beta_factor"),
+                softmax_alpha=pick("layernorm_full_attention_alpha", "full_attn_alpha_factor"),
+                softmax_beta=pick("layernorm_full_attention_beta", "full_attn_beta_factor"),
+                mlp_alpha=pick("layernorm_mlp_alpha", "mlp_alpha_factor"),
+                mlp_beta=pick("layernorm_mlp_beta", "mlp_beta_factor"),
+                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+                block_size=int(hf.get("block_size", 256)),
+                num_experts=int(hf.get("num_local_experts", hf.get("num_experts", 8))),
+                num_experts_per_tok=int(hf.get("num_experts_per_tok", 2)),
+                expert_dim=int(hf["intermediate_size"]),
+                router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
+                router_jitter_noise=float(hf.get("router_jitter_noise", 0.0)),
+                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                initializer_range=float(hf.get("initializer_range", 0.02)),
+        )
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    def to_hf(self, style: str = "transformers") -> dict[str, Any]:
+        """Writes a config.json dict.
+
+        style="transformers": keys transformers 5.24's MiniMaxConfig reads (`layer_types`, `*_alpha_factor`,
+        `rope_parameters`), plus the official keys so the official code reads it too.
+        style="official": only the MiniMax-AI keys.
+        """
+        if style not in ("transformers", "official"):
+            raise ValueError(f"style must be 'transformers' or 'official', got {style!r}")
+        out: dict[str, Any] = {
+                "vocab_size": self.vocab_size,
+                "hidden_size": self.hidden_size,
+                "num_hidden_layers": self.num_layers,
+                "num_attention_heads": self.num_heads,
+                "num_key_value_heads": self.num_kv_heads,
+                "head_dim": self.head_dim,
+                "intermediate_size": self.expert_dim,
+                "hidden_act": "silu",
+                "max_position_embeddings": self.max_position_embeddings,
+                "rms_norm_eps": self.rms_norm_eps,
+                "num_local_experts": self.num_experts,
+                "num_experts_per_tok": self.num_experts_per_tok,
+                "router_aux_loss_coef": self.router_aux_loss_coef,
+                "router_jitter_noise": self.router_jitter_noise,
+                "tie_word_embeddings": self.tie_word_embeddings,
+                "initializer_range": self.initializer_range,
+                "attention_dropout": 0.0,
+                "sliding_window": None,
+                "shared_intermediate_size": 0,
+                "postnorm": True,
+                "rotary_dim": self.rotary_dim,
+                "rope_theta": self.rope_theta,
+                "attn_type_list": [_OFFICIAL_CODE[t] for t in self.layer_types],
+                "layernorm_linear_attention_alpha": self.lightning_alpha,
+                "layernorm_linear_attention_beta": self.lightning_beta,
+                "layernorm_full_attention_alpha": self.softmax_alpha,
+                "layernorm_full_attention_beta": self.softmax_beta,
+                "layernorm_mlp_alpha": self.mlp_alpha,
+                "layernorm_mlp_beta": self.mlp_beta,
+                "bos_token_id": None,
+                "eos_token_id": None,
+        }
+        if style == "official":
+            out.update(model_type="minimax_m1", architectures=["MiniMaxM1ForCausalLM"])
+            return out
+        if self.rotary_dim < self.head_dim:
+            warnings.warn(
+                    f"rotary_dim={self.rotary_dim} < head_dim={self.head_dim}: written as the official `rotary_dim` "
+                    "key, but transformers 5.24's MiniMax ignores it and rotates the whole head, so its outputs "
+                    "will differ from this model's", stacklevel=2)
+        out.update(
+                model_type="minimax",
+                architectures=["MiniMaxForCausalLM"],
+                layer_types=[_HF_NAME[t] for t in self.layer_types],
+                rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+                linear_attn_alpha_factor=self.lightning_alpha,
+                linear_attn_beta_factor=self.lightning_beta,
+                full_attn_alpha_factor=self.softmax_alpha,
+                full_attn_beta_factor=self.softmax_beta,
+                mlp_alpha_factor=self.mlp_alpha,
+                mlp_beta_factor=self.mlp_beta,
+                block_size=self.block_size,
+        )
+        return out
+
+
+def _alibi_slopes(n: int) -> list[float]:
+    def power_of_2(m):
+        start = 2.0 ** (-(2.0 ** -(math.log2(m) - 3)))
+        return [start * start**i for i in range(m)]
+
+    if math.log2(n).is_integer():
+        return power_of_2(n)
+    closest = 2 ** math.floor(math.log2(n))
+    return power_of_2(closest) + _alibi_slopes(2 * closest)[0::2][: n - closest]
+
+
+def _hybrid_types(num_layers: int, period: int = 8) -> tuple[str, ...]:
+    """M1's pattern: softmax at layer i when i % period == period - 1, lightning elsewhere."""
+    return tuple(SOFTMAX if i % period == period - 1 else LIGHTNING for i in range(num_layers))
+
+
+def _m1() -> ModelConfig:
+    return ModelConfig()
+
+
+def _tiny() -> ModelConfig:
+    # Trains in seconds on a laptop CPU: 2 groups of (1 lightning + 1 softmax), byte-level vocabulary.
+    return ModelConfig(
+            vocab_size=259, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16,
+            layer_types=_hybrid_types(4, period=2), rotary_dim=8, rope_theta=10_000.0,
+            max_position_embeddings=65_536, lightning_alpha=(2 * 4) ** 0.25, softmax_alpha=(2 * 4) ** 0.25,
+            mlp_alpha=(2 * 4) ** 0.25, block_size=64, num_experts=4, num_experts_per_tok=2, expert_dim=128,
+            dtype="float32", attention_block_q=128, attention_block_kv=128, remat_policy="none")
+
+
+def _cpu_100m() -> ModelConfig:
+    # ~100M total parameters (about 40M active): 8 layers, one M1 group of 7 lightning + 1 softmax.
+    return ModelConfig(
+            vocab_size=259, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2, head_dim=64,
+            layer_types=_hybrid_types(8), rotary_dim=32, rope_theta=10_000.0, max_position_embeddings=1_048_576,
+            lightning_alpha=(2 * 8) ** 0.25, softmax_alpha=(2 * 8) ** 0.25, mlp_alpha=(2 * 8) ** 0.25,
+            block_size=256, num_experts=8, num_experts_per_tok=2, expert_dim=1536, dtype="float32",
+            remat_policy="none")
+
+
+PRESETS = {
+        "minimax-m1-80k": _m1,
+        "minimax-m1-40k": _m1,
+        "minimax-text-01": _m1,
+        "tiny": _tiny,
+        "cpu-100m": _cpu_100m,
+}
+
+
+def get_config(name: str, **overrides) -> ModelConfig:
+    """A preset by name, with optional field overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown config {name!r}; presets: {sorted(PRESETS)}")
+    cfg = PRESETS[name]()
+    return cfg.replace(**overrides) if overrides else cfg

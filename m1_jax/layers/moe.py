@@ -1,0 +1,137 @@
+"""Mixture of experts: float32 top-k router, dropless SwiGLU experts, Switch-style load-balancing stats.
+
+Dropless dispatch sorts the token copies by expert so each expert's rows are contiguous, then runs a
+grouped matmul. `lax.ragged_dot` is the grouped matmul on GPU/TPU; XLA:CPU lowers it to a dense masked
+product over every expert (E times the work), so on CPU we pad each group to a tile boundary and run one
+small matmul per tile instead ("tiled"). Both compute the same thing.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from m1_jax.config import ModelConfig
+from m1_jax.layers.partitioning import param
+
+
+def route_top_k(router_logits_TxE, k: int):
+    """Softmax over experts in float32, top-k, renormalised (= a softmax over the top-k logits).
+
+    Returns (weights_TxK float32, experts_TxK int32, probs_TxE float32).
+    """
+    probs_TxE = jax.nn.softmax(router_logits_TxE.astype(jnp.float32), axis=-1)
+    top_p_TxK, experts_TxK = jax.lax.top_k(probs_TxE, k)
+    weights_TxK = top_p_TxK / jnp.sum(top_p_TxK, axis=-1, keepdims=True)
+    return weights_TxK, experts_TxK.astype(jnp.int32), probs_TxE
+
+
+def load_balance_stats(probs_TxE, experts_TxK, mask_T=None):
+    """Per-expert sums the Switch aux loss needs: (top-k assignment counts, router prob sums, #tokens)."""
+    num_experts = probs_TxE.shape[-1]
+    mask_T = jnp.ones(probs_TxE.shape[0], jnp.float32) if mask_T is None else mask_T.astype(jnp.float32)
+    onehot_TxKxE = jax.nn.one_hot(experts_TxK, num_experts, dtype=jnp.float32)
+    counts_E = jnp.einsum("tke,t->e", onehot_TxKxE, mask_T)
+    prob_sum_E = jnp.einsum("te,t->e", probs_TxE, mask_T)
+    return counts_E, prob_sum_E, jnp.sum(mask_T)
+
+
+def aux_loss_from_stats(counts_E, prob_sum_E, num_tokens):
+    """E * sum_e f_e P_e with f_e = counts_e / N and P_e = prob_sum_e / N over all layers' tokens."""
+    num_experts = counts_E.shape[-1]
+    n = jnp.maximum(num_tokens, 1.0)
+    return num_experts * jnp.sum((counts_E / n) * (prob_sum_E / n))
+
+
+def swiglu(x, w_gate, w_up, w_down):
+    """w_down(silu(x w_gate) * (x w_up)) for one expert's rows."""
+    h = jax.nn.silu(x @ w_gate) * (x @ w_up)
+    return h @ w_down
+
+
+def _grouped_swiglu_ragged(x_MxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD):
+    gate = jax.lax.ragged_dot(x_MxD, w_gate_ExDxF, group_sizes_E)
+    up = jax.lax.ragged_dot(x_MxD, w_up_ExDxF, group_sizes_E)
+    return jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down_ExFxD, group_sizes_E)
+
+
+def _grouped_swiglu_tiled(x_MxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, tile: int):
+    M, D = x_MxD.shape
+    E = group_sizes_E.shape[0]
+    tile = max(1, min(tile, M))
+    padded_sizes_E = -(-group_sizes_E // tile) * tile
+    padded_ends_E = jnp.cumsum(padded_sizes_E)
+    ends_E = jnp.cumsum(group_sizes_E)
+    num_tiles = -(-(M + E * (tile - 1)) // tile)  # static worst case over all group-size patterns
+    row_expert_M = jnp.searchsorted(ends_E, jnp.arange(M), side="right")
+    dest_M = (padded_ends_E - padded_sizes_E)[row_expert_M] + jnp.arange(M) - (ends_E - group_sizes_E)[row_expert_M]
+    x_pad = jnp.zeros((num_tiles * tile, D), x_MxD.dtype).at[dest_M].set(x_MxD)
+    tile_expert = jnp.searchsorted(padded_ends_E, jnp.arange(num_tiles) * tile, side="right")
+    tile_expert = jnp.minimum(tile_expert, E - 1)  # tiles past the last group compute zeros, discarded
+
+    def one_tile(args):
+        x_txD, e = args
+        return swiglu(x_txD, w_gate_ExDxF[e], w_up_ExDxF[e], w_down_ExFxD[e])
+
+    y_pad = jax.lax.map(one_tile, (x_pad.reshape(num_tiles, tile, D), tile_expert))
+    return y_pad.reshape(num_tiles * tile, -1)[dest_M]
+
+
+def default_grouped_impl() -> str:
+    return "tiled" if jax.default_backend() == "cpu" else "ragged_dot"
+
+
+def moe_dropless(x_TxD, weights_TxK, experts_TxK, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, *,
+                 impl: str = "auto", tile: int = 128):
+    """sum_k weights[t,k] * expert_{experts[t,k]}(x[t]), every token kept (no capacity, no drops)."""
+    T, D = x_TxD.shape
+    E = w_gate_ExDxF.shape[0]
+    k = experts_TxK.shape[1]
+    impl = default_grouped_impl() if impl == "auto" else impl
+    flat_expert_M = experts_TxK.reshape(-1)
+    order_M = jnp.argsort(flat_expert_M, stable=True)
+    token_of_M = order_M // k
+    x_sorted_MxD = x_TxD[token_of_M]
+    group_sizes_E = jnp.bincount(flat_expert_M, length=E).astype(jnp.int32)
+    if impl == "ragged_dot":
+        y_sorted = _grouped_swiglu_ragged(x_sorted_MxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
+    elif impl == "tiled":
+        y_sorted = _grouped_swiglu_tiled(x_sorted_MxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD,
+                                         tile)
+    else:
+        raise ValueError(f"unknown grouped matmul impl {impl!r}; use 'auto', 'ragged_dot' or 'tiled'")
+    weight_M = weights_TxK.reshape(-1)[order_M].astype(jnp.float32)
+    y_weighted = y_sorted.astype(jnp.float32) * weight_M[:, None]
+    out_TxD = jnp.zeros((T, D), jnp.float32).at[token_of_M].add(y_weighted)
+    return out_TxD.astype(x_TxD.dtype)
+
+
+class MoE(nn.Module):
+    """Router (float32 weights and math) + dropless SwiGLU experts; returns (y, load-balance stats)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, h_BxLxD, token_mask_BxL=None):
+        cfg = self.cfg
+        D, E, F = cfg.hidden_size, cfg.num_experts, cfg.expert_dim
+        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        init = nn.initializers.normal(cfg.initializer_range)
+        # The router stays float32 whatever param_dtype is (the official checkpoint stores it in fp32).
+        w_router = param(self, "router", (D, E), ("embed", None), init, jnp.float32)
+        w_gate = param(self, "w_gate", (E, D, F), ("experts", "embed", "expert_mlp"), init, pdtype)
+        w_up = param(self, "w_up", (E, D, F), ("experts", "embed", "expert_mlp"), init, pdtype)
+        w_down = param(self, "w_down", (E, F, D), ("experts", "expert_mlp", "embed"), init, pdtype)
+
+        B, L, _ = h_BxLxD.shape
+        h_TxD = h_BxLxD.reshape(B * L, D)
+        router_in = h_TxD.astype(jnp.float32)
+        if cfg.router_jitter_noise > 0 and self.has_rng("jitter"):
+            noise = jax.random.uniform(self.make_rng("jitter"), router_in.shape, jnp.float32,
+                                       1.0 - cfg.router_jitter_noise, 1.0 + cfg.router_jitter_noise)
+            router_in = router_in * noise
+        logits_TxE = jnp.dot(router_in, w_router, precision=jax.lax.Precision.HIGHEST)
+        weights_TxK, experts_TxK, probs_TxE = route_top_k(logits_TxE, cfg.num_experts_per_tok)
+        y_TxD = moe_dropless(h_TxD.astype(dtype), weights_TxK, experts_TxK, w_gate.astype(dtype),
+                             w_up.astype(dtype), w_down.astype(dtype))
+        mask_T = None if token_mask_BxL is None else token_mask_BxL.reshape(-1)
+        return y_TxD.reshape(B, L, D), load_balance_stats(probs_TxE, experts_TxK, mask_T)

@@ -1,0 +1,98 @@
+"""What the TPU and GPU Pallas kernels share: the per-chunk math on 2-D tiles and the custom VJP.
+
+One "sweep" primitive does all the work. Forward sweep over chunks (state S before the chunk, m valid rows):
+  O = ((Q K^T) * D) V + (Q * exp(-lam (i + 1))) S,   D_ij = exp(-lam (i - j)) for j <= i
+  S <- exp(-lam m) S + (K * exp(-lam (m - 1 - j)))^T V          (rows j >= m masked: padding)
+Reverse sweep (chunks last to first, within a chunk "later" tokens feed earlier ones; H is the cotangent that
+the future hands to the chunk's last valid token):
+  O = ((Q K^T) * D^T) V + (Q * exp(-lam (m - 1 - i))) H,          (rows i >= m masked)
+  H <- exp(-lam m) H + (K * exp(-lam (j + 1)))^T V
+
+The backward of o = sweep(q, k, v, S0), S_final follows from dS_t = q_t^T dO_t + exp(-lam) dS_{t+1}
+(dS_{N-1} gets dS_final directly):
+  dq          = forward sweep(dO, v, k, S0^T)          (dO S_{t}^T plus the intra term)
+  dv, dS0     = reverse sweep(k, q, dO, dS_final)      (k_t dS_t; the sweep's final H is exactly dS0)
+  dk          = reverse sweep(v, dO, q, dS_final^T)    (v_t dS_t^T)
+so the backward kernels are the forward kernel run with other operands and reverse=True. decay gets a zero
+cotangent: in M1 it is a fixed function of the layer index, never trained.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+def _masked_exp(lam, expo_int):
+  """exp(-lam * e) where e >= 0, else 0. Clamped before exp so masked entries can never overflow."""
+  valid = expo_int >= 0
+  return jnp.where(valid, jnp.exp(-lam * jnp.maximum(expo_int, 0).astype(jnp.float32)), 0.0)
+
+
+def _dot(a, b, contract, precision):
+  return lax.dot_general(a, b, (contract, ((), ())), precision=precision, preferred_element_type=jnp.float32)
+
+
+def chunk_step(q_CxK, k_CxK, v_CxV, state_KxV, lam, m, *, reverse: bool):
+  """One chunk on tiles already loaded on chip. Returns (o_CxV float32, new_state_KxV float32).
+
+  lam: float32 scalar; m: int32 scalar, the chunk's number of valid rows (padding sits at the end).
+
+  Matmul operands stay in the input dtype (bf16 runs on tensor cores / the MXU) and accumulate in float32;
+  float32 inputs use Precision.HIGHEST (IEEE on Triton, not TF32). Iotas are int32 and cast (TPU has no float
+  iota).
+  """
+  C = q_CxK.shape[0]
+  dt = q_CxK.dtype
+  prec = lax.Precision.HIGHEST if dt == jnp.float32 else lax.Precision.DEFAULT
+  i_CxC = lax.broadcasted_iota(jnp.int32, (C, C), 0)
+  j_CxC = lax.broadcasted_iota(jnp.int32, (C, C), 1)
+  r_Cx1 = lax.broadcasted_iota(jnp.int32, (C, 1), 0)
+  if reverse:
+    d_CxC = _masked_exp(lam, j_CxC - i_CxC)
+    q_scale_Cx1 = _masked_exp(lam, m - 1 - r_Cx1)
+    k_scale_Cx1 = _masked_exp(lam, r_Cx1 + 1)
+  else:
+    d_CxC = _masked_exp(lam, i_CxC - j_CxC)
+    q_scale_Cx1 = _masked_exp(lam, r_Cx1 + 1)
+    k_scale_Cx1 = _masked_exp(lam, m - 1 - r_Cx1)
+  scores_CxC = _dot(q_CxK, k_CxK, ((1,), (1,)), prec) * d_CxC
+  o_CxV = _dot(scores_CxC.astype(dt), v_CxV, ((1,), (0,)), prec)
+  q_dec = (q_CxK.astype(jnp.float32) * q_scale_Cx1).astype(dt)
+  o_CxV = o_CxV + _dot(q_dec, state_KxV.astype(dt), ((1,), (0,)), prec)
+  k_dec = (k_CxK.astype(jnp.float32) * k_scale_Cx1).astype(dt)
+  gamma = jnp.exp(-lam * m.astype(jnp.float32))
+  new_state = gamma * state_KxV + _dot(k_dec, v_CxV, ((0,), (0,)), prec)
+  return o_CxV, new_state
+
+
+def make_differentiable(sweep):
+  """Wraps sweep(q, k, v, decay_H, s0, *, reverse) -> (o, s_final) in a custom VJP (Pallas has no autodiff)."""
+
+  @jax.custom_vjp
+  def attention(q, k, v, decay, s0):
+    return sweep(q, k, v, decay, s0, reverse=False)
+
+  def fwd(q, k, v, decay, s0):
+    return sweep(q, k, v, decay, s0, reverse=False), (q, k, v, decay, s0)
+
+  def bwd(res, cts):
+    q, k, v, decay, s0 = res
+    do, dsf = cts
+    do = do.astype(v.dtype)
+    dsf = dsf.astype(jnp.float32)
+    t = functools.partial(jnp.swapaxes, axis1=-1, axis2=-2)
+    dq, _ = sweep(do, v, k, decay, t(s0), reverse=False)
+    dv, ds0 = sweep(k, q, do, decay, dsf, reverse=True)
+    dk, _ = sweep(v, do, q, decay, t(dsf), reverse=True)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv, jnp.zeros_like(decay), ds0.astype(s0.dtype)
+
+  attention.defvjp(fwd, bwd)
+  return attention

@@ -1,0 +1,107 @@
+"""Parity with transformers' PyTorch MiniMaxForCausalLM (fp32), both checkpoint directions.
+
+transformers 5.24 rotates the whole head (no partial RoPE) and builds slopes with the power-of-two ALiBi
+formula, so these configs use rotary_dim == head_dim and power-of-two head counts; partial RoPE is tested
+against its formula in test_model.py.
+"""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from m1_jax.config import ModelConfig
+from m1_jax.hf import load_checkpoint, save_checkpoint
+from m1_jax.model import MiniMaxM1, init_params
+
+import jax
+
+REL_TOL = 1e-4
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    layer_types: tuple
+    heads: int
+    kv_heads: int
+    experts: int
+    top_k: int
+    block_size: int
+    seq_len: int
+
+
+CASES = [
+    Case(("lightning", "softmax", "lightning", "lightning"), 4, 2, 4, 2, 16, 50),
+    Case(("softmax", "lightning", "lightning"), 2, 1, 3, 2, 8, 37),
+    Case(("lightning", "lightning", "softmax", "lightning", "lightning", "softmax"), 8, 8, 8, 2, 32, 70),
+]
+
+
+def _our_config(case: Case, seed: int) -> ModelConfig:
+    rng = np.random.default_rng(seed)
+    n = len(case.layer_types)
+    return ModelConfig(
+        vocab_size=97, hidden_size=32, num_layers=n, num_heads=case.heads, num_kv_heads=case.kv_heads,
+        head_dim=8, layer_types=case.layer_types, rotary_dim=8, rope_theta=10_000.0,
+        max_position_embeddings=4096, lightning_alpha=float(rng.uniform(0.5, 2)),
+        lightning_beta=float(rng.uniform(0.5, 2)), softmax_alpha=float(rng.uniform(0.5, 2)),
+        softmax_beta=float(rng.uniform(0.5, 2)), mlp_alpha=float(rng.uniform(0.5, 2)),
+        mlp_beta=float(rng.uniform(0.5, 2)), block_size=case.block_size, num_experts=case.experts,
+        num_experts_per_tok=case.top_k, expert_dim=48, dtype="float32", param_dtype="float32",
+        attention_block_q=16, attention_block_kv=16, remat_policy="none")
+
+
+def _hf_model(hf_config: dict, seed: int):
+    config = transformers.MiniMaxConfig(**{k: v for k, v in hf_config.items()
+                                           if k not in ("architectures", "model_type")})
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.MiniMaxForCausalLM(config).eval()
+    with torch.no_grad():  # random weights well away from init (norm weights around 1)
+        for name, p in model.named_parameters():
+            scale = 0.3 if p.ndim > 1 else 0.2
+            p.copy_(torch.randn_like(p) * scale + (1.0 if name.endswith("norm.weight") else 0.0))
+    return model
+
+
+def _hf_logits(model, tokens):
+    with torch.no_grad():
+        return model(torch.as_tensor(tokens)).logits.float().numpy()
+
+
+def _rel_err(ours, ref):
+    return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
+
+
+@pytest.mark.parametrize("case_idx", range(len(CASES)))
+def test_hf_to_ours(tmp_path, case_idx):
+    case = CASES[case_idx]
+    cfg = _our_config(case, seed=case_idx)
+    hf_model = _hf_model(cfg.to_hf(), seed=case_idx)
+    hf_model.save_pretrained(tmp_path)
+    loaded_cfg, params = load_checkpoint(str(tmp_path), dtype="float32", attention_block_q=16,
+                                         attention_block_kv=16, remat_policy="none")
+    assert loaded_cfg.layer_types == cfg.layer_types
+    tokens = np.random.default_rng(case_idx).integers(0, cfg.vocab_size, (2, case.seq_len))
+    ours = np.asarray(MiniMaxM1(loaded_cfg).apply({"params": params}, tokens)[0])
+    ref = _hf_logits(hf_model, tokens)
+    assert _rel_err(ours, ref) <= REL_TOL, _rel_err(ours, ref)
+
+
+@pytest.mark.parametrize("case_idx", range(len(CASES)))
+def test_ours_to_hf(tmp_path, case_idx):
+    case = CASES[case_idx]
+    cfg = _our_config(case, seed=10 + case_idx)
+    params = init_params(cfg.replace(initializer_range=0.3), jax.random.key(case_idx))
+    # Norm weights away from 1 so a transposed or skipped norm would show.
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: x + 0.2 * jax.random.normal(jax.random.key(1), x.shape)
+        if "norm" in str(path[-1]) else x, params)
+    save_checkpoint(str(tmp_path), cfg, params)
+    hf_model = transformers.MiniMaxForCausalLM.from_pretrained(str(tmp_path), attn_implementation="eager").eval()
+    tokens = np.random.default_rng(100 + case_idx).integers(0, cfg.vocab_size, (2, case.seq_len))
+    ours = np.asarray(MiniMaxM1(cfg).apply({"params": params}, tokens)[0])
+    ref = _hf_logits(hf_model, tokens)
+    assert _rel_err(ours, ref) <= REL_TOL, _rel_err(ours, ref)
