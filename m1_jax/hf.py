@@ -42,8 +42,8 @@ class _Source:
 
 
 def _linear(out_shape_ours, hf_shape):
-    """A torch Linear weight [out, in] <-> ours [in, *out] (or [*in, out] for output projections)."""
-    return (lambda w: w.T.reshape(out_shape_ours)), (lambda w: w.reshape(-1, w.shape[-1]).T.reshape(hf_shape))
+    """A torch Linear weight [out, in] <-> ours [in, *out]."""
+    return (lambda w: w.T.reshape(out_shape_ours)), (lambda w: w.reshape(w.shape[0], -1).T.reshape(hf_shape))
 
 
 def _layer_sources(cfg: ModelConfig, layer: int, kind: str, fused_experts: bool) -> dict[str, list[_Source]]:
@@ -268,7 +268,7 @@ def save_checkpoint(path: str, cfg: ModelConfig, params, *, dtype: str | None = 
             spec, leaf = plan[key], np.asarray(jax.device_get(flat[key]))
             out_dtype = np.float32 if key[-1] == "router" else (np.dtype(dtype) if dtype else leaf.dtype)
             if isinstance(spec, _Source):
-                yield spec.name, spec.to_hf(leaf).astype(out_dtype)
+                yield spec.name, np.ascontiguousarray(spec.to_hf(leaf)).astype(out_dtype)
                 continue
             for g, sources in enumerate(spec):
                 if isinstance(sources, _Source):

@@ -1,9 +1,19 @@
 """Public entry point: host-side validation, then dispatch to one implementation.
 
 Implementations (impl=...):
-  "reference"  quadratic masked-decay definition, float32 math; O(N^2) memory, for tests.
-  "chunked"    blockwise pure JAX (`lax.scan` over blocks); O(N) memory, differentiable; runs everywhere.
-  "auto"       the chunked path (phase 2 picks the Pallas kernel of the running backend).
+  "reference"   quadratic masked-decay definition, float32 math; O(N^2) memory, for tests.
+  "chunked"     blockwise pure JAX (`lax.scan` over blocks); O(N) memory, differentiable; runs everywhere.
+  "pallas_tpu"  Pallas Mosaic TPU kernel (tpu.py), custom VJP. On CPU only with interpret=True.
+  "pallas_gpu"  Pallas Triton GPU kernel (gpu.py), custom VJP. On CPU only with interpret=True.
+  "auto"        pallas_tpu on TPU, pallas_gpu on GPU, chunked elsewhere (and whenever segment_ids is given).
+
+The Pallas kernels do not support segment_ids (packed sequences): impl="auto" then falls back to "chunked";
+asking for a Pallas impl explicitly with segment_ids raises. They give decay a zero gradient (M1's decays are
+fixed functions of the layer index).
+
+Sharding: XLA cannot partition a Pallas call. Under a mesh, call the Pallas impls inside `jax.shard_map` with
+batch and heads sharded (decay sharded like heads, sequence unsharded) and `check_vma=False`; otherwise XLA
+gathers the operands onto every device.
 """
 
 from __future__ import annotations
@@ -13,9 +23,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.lightning_attention import chunked as chunked_lib
+from pallas_kernels.lightning_attention import gpu
 from pallas_kernels.lightning_attention import reference as reference_lib
+from pallas_kernels.lightning_attention import tpu
 
-IMPLS = ("auto", "reference", "chunked")
+IMPLS = ("auto", "reference", "chunked", "pallas_tpu", "pallas_gpu")
+_PALLAS_BACKEND = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}
+
+
+def resolve_impl(impl, *, segment_ids=None):
+  """The concrete implementation "auto" stands for on the running backend."""
+  if impl != "auto":
+    return impl
+  if segment_ids is not None:
+    return "chunked"
+  return {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(jax.default_backend(), "chunked")
 
 
 def _shape(x):
@@ -41,10 +63,19 @@ def _check_decay(decay, H):
     raise ValueError(f"decay must be >= 0 (lambda in exp(-lambda)); got {concrete.tolist()}.")
 
 
-def validate(q, k, v, decay, *, initial_state=None, segment_ids=None, impl="auto", block_size=256):
+def validate(q, k, v, decay, *, initial_state=None, segment_ids=None, impl="auto", block_size=256,
+             interpret=False):
   """Raises ValueError on any inconsistent argument. Runs on the host, before tracing."""
   if impl not in IMPLS:
     raise ValueError(f"unknown impl {impl!r}; choose one of {IMPLS}.")
+  if impl in _PALLAS_BACKEND:
+    if segment_ids is not None:
+      raise ValueError(f"impl={impl!r} does not support segment_ids (packed sequences); use impl='chunked' or "
+                       "impl='auto' (which falls back to chunked when segment_ids is given).")
+    backend = jax.default_backend()
+    if not interpret and backend != _PALLAS_BACKEND[impl]:
+      raise ValueError(f"impl={impl!r} needs a {_PALLAS_BACKEND[impl]} backend but jax runs on {backend!r}; pass "
+                       "interpret=True to run the kernel in interpret mode, or use impl='auto'/'chunked'.")
   if not isinstance(block_size, (int, np.integer)) or isinstance(block_size, bool) or block_size <= 0:
     raise ValueError(f"block_size must be a positive int, got {block_size!r}.")
   for name, x in (("q", q), ("k", k), ("v", v)):
@@ -84,24 +115,33 @@ def lightning_attention(q, k, v, decay, *, impl="auto", initial_state=None, retu
   Args:
     q, k: [B, N, H, Dk]; v: [B, N, H, Dv]; all the same float dtype.
     decay: [H] float, lambda >= 0 per head. Concrete decays are checked on the host; traced ones are not.
-    impl: "auto" | "reference" | "chunked".
+    impl: "auto" | "reference" | "chunked" | "pallas_tpu" | "pallas_gpu" (see the module docstring).
     initial_state: optional [B, H, Dk, Dv] (float32); applies to the first segment only.
     return_final_state: also return the final state [B, H, Dk, Dv] float32 (of the last segment).
-    block_size: tokens per block for the blockwise path; N need not be a multiple.
+    block_size: tokens per block (chunk); N need not be a multiple. pallas_tpu rounds it up to a multiple of 16,
+      pallas_gpu uses a power of two in [16, 64].
     segment_ids: optional int [B, N] of contiguous non-decreasing runs (packed sequences); the state resets at
-      each segment start.
-    interpret: run Pallas kernels in interpret mode (phase 2); ignored by the JAX paths.
+      each segment start. Not supported by the Pallas kernels.
+    interpret: run a Pallas kernel in interpret mode (True, or a `pltpu.InterpretParams` for pallas_tpu);
+      ignored by the JAX paths.
 
   Returns:
     o [B, N, H, Dv] in v's dtype, or (o, final_state) when return_final_state.
   """
-  validate(q, k, v, decay, initial_state=initial_state, segment_ids=segment_ids, impl=impl, block_size=block_size)
-  del interpret
+  validate(q, k, v, decay, initial_state=initial_state, segment_ids=segment_ids, impl=impl, block_size=block_size,
+           interpret=interpret)
+  impl = resolve_impl(impl, segment_ids=segment_ids)
   if impl == "reference":
     o, state = reference_lib.lightning_attention_reference(q, k, v, decay, initial_state, segment_ids)
-  else:  # "chunked" and, for now, "auto"
+  elif impl == "chunked":
     o, state = chunked_lib.lightning_attention_chunked(q, k, v, decay, initial_state, segment_ids,
                                                        block_size=int(block_size))
+  elif impl == "pallas_tpu":
+    o, state = tpu.lightning_attention_tpu(q, k, v, decay, initial_state, block_size=int(block_size),
+                                           interpret=interpret)
+  else:
+    o, state = gpu.lightning_attention_gpu(q, k, v, decay, initial_state, block_size=int(block_size),
+                                           interpret=interpret)
   return (o, state) if return_final_state else o
 
 

@@ -9,7 +9,7 @@ sweeps visit chunks last-to-first through the index maps, so no array is flipped
 Layout: with Dk and Dv multiples of 128 (M1: 128), [B, N, H, D] is viewed for free as [B, N, H*D] and a head
 is a 128-aligned column block, so no transpose is needed. Otherwise (small test shapes) the wrapper transposes
 to [B*H, N, D] so every block's last dim spans the full axis (TPU tiling: last two block dims multiples of
-(8, 128) or the full axis). The chunk is rounded up to a multiple of 8.
+(8, 128) or the full axis). The chunk is rounded up to a multiple of 16 (bf16 packs 16 rows per sublane tile).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
@@ -50,7 +51,7 @@ def sweep(q, k, v, decay, s0, *, reverse, chunk=256, interpret=False):
   """q, k [B, N, H, K]; v [B, N, H, V]; decay [H]; s0 [B, H, K, V] -> (o [B, N, H, V] v.dtype, s_final f32)."""
   B, N, H, K = q.shape
   V = v.shape[-1]
-  C = kernel_common.round_up(min(chunk, N), 8)
+  C = kernel_common.round_up(min(chunk, N), 16)
   Np = kernel_common.round_up(N, C)
   nc = Np // C
   pad = ((0, 0), (0, Np - N), (0, 0), (0, 0))
@@ -69,8 +70,8 @@ def sweep(q, k, v, decay, s0, *, reverse, chunk=256, interpret=False):
   TV = 128 if V % 128 == 0 else V
   nv = V // TV
 
-  def row(bh):
-    return bh // Hv, bh % Hv
+  def row(bh):  # lax.div/rem: jnp's floor division lowers through sign(), which Mosaic rejects off-TPU
+    return lax.div(bh, Hv), lax.rem(bh, Hv)
 
   def chunk_of(c):
     return nc - 1 - c if reverse else c

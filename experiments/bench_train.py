@@ -1,0 +1,143 @@
+"""Train-step throughput and peak memory: m1-jax vs transformers' PyTorch MiniMax, same config and batch.
+
+  python experiments/bench_train.py --presets=tiny,cpu-100m --batch=2 --seq=256 --repeats=5
+
+Each (framework, preset) runs in its own subprocess so peak RSS is its own. One step = forward +
+backward + AdamW update (MoE aux loss included on both sides). PyTorch uses attn_implementation="sdpa"
+for the softmax layers (transformers' MiniMax lightning layers are plain PyTorch either way).
+Peak memory: the process's peak RSS minus its RSS after imports (includes compiled code and caches).
+"""
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+_PRESETS = flags.DEFINE_list("presets", ["tiny", "cpu-100m"], "m1_jax.config presets")
+_BATCH = flags.DEFINE_integer("batch", 2, "sequences per step")
+_SEQ = flags.DEFINE_integer("seq", 256, "tokens per sequence")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "untimed steps (JAX: includes compilation)")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "timed steps; the median is reported")
+_THREADS = flags.DEFINE_integer("threads", 0, "torch intra-op threads (0: torch's default)")
+_WORKER = flags.DEFINE_string("worker", None, "internal: 'jax:PRESET' or 'torch:PRESET'")
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _batch(vocab, B, L):
+    import numpy as np
+    rng = np.random.default_rng(0)
+    return rng.integers(0, vocab, (B, L + 1)).astype(np.int32)
+
+
+def _run_jax(preset, B, L, warmup, repeats):
+    import jax
+    import numpy as np
+    from m1_jax.config import get_config
+    from m1_jax.train import optimizer as opt_lib, state as state_lib, step as step_lib
+
+    cfg = get_config(preset)
+    oc = opt_lib.OptimizerConfig(learning_rate=1e-4, warmup_steps=0, schedule="constant", total_steps=100,
+                                 eps=1e-8, clip_norm=0.0)
+    tx = opt_lib.make_optimizer(oc)
+    base = _rss_mb()
+    state = state_lib.init_state(cfg, tx, 0)
+    seq = _batch(cfg.vocab_size, B, L)
+    batch = {"tokens": seq[:, :-1], "targets": seq[:, 1:], "segment_ids": np.ones((B, L), np.int32),
+             "positions": np.tile(np.arange(L, dtype=np.int32), (B, 1)), "loss_mask": np.ones((B, L), np.float32)}
+    batch = jax.device_put(batch)
+    step = step_lib.make_train_step(cfg, tx, opt_lib.make_schedule(oc))
+    times = []
+    for i in range(warmup + repeats):
+        t = time.perf_counter()
+        state, m = step(state, batch)
+        jax.block_until_ready((state, m))
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return {"loss": float(m["loss"]), "times": times, "peak_mb": _peak_mb() - base}
+
+
+def _run_torch(preset, B, L, warmup, repeats, threads):
+    import warnings
+    import torch
+    import transformers
+    from m1_jax.config import get_config
+
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = get_config(preset)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.MiniMaxConfig(**cfg.to_hf())
+    hf._attn_implementation = "sdpa"
+    base = _rss_mb()
+    torch.manual_seed(0)
+    model = transformers.MiniMaxForCausalLM(hf).float().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    seq = torch.from_numpy(_batch(cfg.vocab_size, B, L).astype("int64"))
+    times = []
+    for i in range(warmup + repeats):
+        t = time.perf_counter()
+        # transformers shifts labels itself: same inputs as the JAX side, L - 1 of its L targets.
+        ids = seq[:, :-1]
+        out = model(input_ids=ids, labels=ids, output_router_logits=True)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return {"loss": float(out.loss), "times": times, "peak_mb": _peak_mb() - base, "threads": torch.get_num_threads()}
+
+
+def main(argv):
+    del argv
+    B, L, W, R = _BATCH.value, _SEQ.value, _WARMUP.value, _REPEATS.value
+    if _WORKER.value:
+        framework, preset = _WORKER.value.split(":")
+        if framework == "jax":
+            out = _run_jax(preset, B, L, W, R)
+        else:
+            out = _run_torch(preset, B, L, W, R, _THREADS.value)
+        print("RESULT " + json.dumps(out), flush=True)
+        return
+    from m1_jax.config import get_config
+    from m1_jax.model import count_params
+
+    rows = []
+    for preset in _PRESETS.value:
+        n = count_params(get_config(preset))
+        res = {}
+        for framework in ("jax", "torch"):
+            cmd = [sys.executable, os.path.abspath(__file__), f"--worker={framework}:{preset}", f"--batch={B}",
+                   f"--seq={L}", f"--warmup={W}", f"--repeats={R}", f"--threads={_THREADS.value}"]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode or not lines:
+                raise RuntimeError(f"{framework}:{preset} failed:\n{proc.stderr[-3000:]}")
+            res[framework] = json.loads(lines[-1][7:])
+        for framework in ("jax", "torch"):
+            r = res[framework]
+            med = statistics.median(r["times"])
+            rows.append((preset, f"{n['total'] / 1e6:.1f}M", framework, B * L / med, med * 1e3, r["peak_mb"], r["loss"]))
+    print(f"\nbatch {B} x seq {L}, warm-up {W}, median of {R} steps, CPU ({os.cpu_count()} cores)\n")
+    print("| preset | params | framework | tokens/s | step ms (median) | peak RSS growth MB | last loss |")
+    print("|---|---|---|---|---|---|---|")
+    for preset, params, fw, tps, ms, mb, loss in rows:
+        name = "m1-jax (jit)" if fw == "jax" else "transformers MiniMax (sdpa)"
+        print(f"| {preset} | {params} | {name} | {tps:,.0f} | {ms:,.1f} | {mb:,.0f} | {loss:.3f} |")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,31 @@
+"""The full MiniMax-M1 architecture (456B total, 45.9B active; 80 layers, 32 experts, top-2).
+
+Needs a pod: e.g. --mesh=data=8,fsdp=8,expert=32 (or larger). bf16 compute, fp32 master weights, full
+remat per layer group, the report's AdamW (betas 0.9/0.95, eps 1e-15) and the MiniMax tokenizer.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import tiny  # noqa: E402
+
+
+def get_config():
+    c = tiny.base_config("minimax-m1-80k")
+    c.model.dtype = "bfloat16"
+    c.model.remat_policy = "full"
+    c.data.tokenizer = "byte"        # point at MiniMax's tokenizer.json for real runs
+    c.data.batch_size = 512
+    c.data.seq_len = 8192
+    c.optimizer.learning_rate = 3e-4
+    c.optimizer.schedule = "constant_decay"
+    c.optimizer.warmup_steps = 2000
+    c.optimizer.min_lr_ratio = 0.1
+    c.train.steps = 100_000
+    c.train.grad_accum_steps = 4
+    c.train.log_every = 10
+    c.train.eval_every = 1000
+    c.train.checkpoint_every = 500
+    return c

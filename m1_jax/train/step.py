@@ -1,0 +1,134 @@
+"""The jitted train step (gradient accumulation by lax.scan over micro-batches) and the eval step.
+
+Loss = sum over target tokens of cross-entropy / number of target tokens in the *whole* batch, plus
+router_aux_loss_coef * mean over micro-batches of the MoE load-balancing loss. Dividing every
+micro-batch by the whole batch's token count makes accumulated gradients equal the full-batch gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from m1_jax import sharding as sharding_lib
+from m1_jax.config import ModelConfig
+from m1_jax.model import MiniMaxM1
+from m1_jax.train.state import TrainState
+
+BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
+
+
+def token_cross_entropy(logits_BxLxV, targets_BxL):
+    """Per-token cross-entropy in float32."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV.astype(jnp.float32), targets_BxL)
+
+
+def _forward(cfg: ModelConfig, params, batch, rng=None):
+    rngs = None if rng is None or cfg.router_jitter_noise == 0 else {"jitter": rng}
+    return MiniMaxM1(cfg).apply({"params": params}, batch["tokens"], segment_ids_BxL=batch["segment_ids"],
+                                positions_BxL=batch["positions"], rngs=rngs)
+
+
+def _split_micro(x_BxL, accum: int):
+    """[B, ...] -> [A, B/A, ...] taking rows a, a+A, ...: keeps each device's rows on that device."""
+    B = x_BxL.shape[0]
+    x = x_BxL.reshape((B // accum, accum) + x_BxL.shape[1:])
+    return jnp.swapaxes(x, 0, 1)
+
+
+def mesh_context(mesh):
+    """Mesh + logical rules active while tracing, so with_logical_constraint inside the model applies."""
+    if mesh is None:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(mesh))
+    stack.enter_context(nn.logical_axis_rules(sharding_lib.logical_rules(mesh)))
+    return stack
+
+
+def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, schedule: Callable,
+                    *, grad_accum_steps: int = 1, mesh=None, state_shardings=None):
+    """`state, metrics = step(state, batch)`; jitted with the state donated. Batch arrays are [B, L]."""
+    accum = int(grad_accum_steps)
+    coef = cfg.router_aux_loss_coef
+
+    def micro_loss(params, micro, rng, total_tokens):
+        logits, aux = _forward(cfg, params, micro, rng)
+        ce = token_cross_entropy(logits, micro["targets"])
+        ce_sum = jnp.sum(ce * micro["loss_mask"])
+        loss = ce_sum / total_tokens + coef * aux["moe_aux_loss"] / accum
+        return loss, (ce_sum, aux["moe_aux_loss"], aux["expert_counts"])
+
+    grad_fn = jax.grad(micro_loss, has_aux=True)
+
+    def step(state: TrainState, batch):
+        total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+        micros = {k: _split_micro(batch[k], accum) for k in BATCH_KEYS}
+        step_rng = jax.random.fold_in(state.rng, state.step)
+
+        def body(carry, xs):
+            grads_acc, ce_acc, aux_acc, counts_acc = carry
+            micro, i = xs
+            if mesh is not None:
+                micro = {k: nn.with_logical_constraint(v, ("batch", "length")) for k, v in micro.items()}
+            grads, (ce_sum, aux_loss, counts) = grad_fn(state.params, micro, jax.random.fold_in(step_rng, i),
+                                                        total_tokens)
+            grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+            return (grads_acc, ce_acc + ce_sum, aux_acc + aux_loss, counts_acc + counts), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        counts0 = jnp.zeros((cfg.num_layers, cfg.num_experts), jnp.float32)
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), counts0)
+        (grads, ce_sum, aux_sum, counts), _ = jax.lax.scan(body, init, (micros, jnp.arange(accum)))
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+
+        ce_loss = ce_sum / total_tokens
+        aux_loss = aux_sum / accum
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(ce_loss) & jnp.isfinite(aux_loss) & jnp.isfinite(grad_norm)
+        updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        # A non-finite step leaves params and moments untouched; the host halts or carries on (flag).
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        bad = (~finite).astype(jnp.int32)
+        new_state = state.replace(
+            step=state.step + 1, params=keep(new_params, state.params), opt_state=keep(new_opt, state.opt_state),
+            bad_steps=state.bad_steps + bad,
+            first_bad_step=jnp.where((state.first_bad_step < 0) & ~finite, state.step, state.first_bad_step))
+        metrics = {"loss": ce_loss, "aux_loss": aux_loss, "total_loss": ce_loss + coef * aux_loss,
+                   "grad_norm": grad_norm, "lr": schedule(state.step), "num_tokens": total_tokens,
+                   "expert_counts": counts, "finite": finite}
+        return new_state, metrics
+
+    jitted = jax.jit(step, donate_argnums=0,
+                     out_shardings=None if state_shardings is None else (state_shardings, None))
+
+    def run(state, batch):
+        with mesh_context(mesh):
+            return jitted(state, batch)
+
+    run.jitted = jitted
+    return run
+
+
+def make_eval_step(cfg: ModelConfig, mesh=None):
+    """`ce_sum, num_tokens, argmax_correct = eval_step(params, batch)` (sums over loss_mask tokens)."""
+
+    @jax.jit
+    def step(params, batch):
+        logits, _ = _forward(cfg, params, batch)
+        ce = token_cross_entropy(logits, batch["targets"])
+        mask = batch["loss_mask"]
+        correct = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32)
+        return jnp.sum(ce * mask), jnp.sum(mask), correct * mask
+
+    def run(params, batch):
+        with mesh_context(mesh):
+            return step(params, batch)
+
+    return run
