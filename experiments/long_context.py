@@ -29,9 +29,9 @@ from m1_jax.config import LIGHTNING, SOFTMAX, get_config
 from m1_jax.model import MiniMaxM1, count_params, init_params
 
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny sweep that finishes in a few minutes.")
-_LENGTHS = flags.DEFINE_list("lengths", None, "Context lengths (default 64,128,256,512; quick: 64,256).")
+_LENGTHS = flags.DEFINE_list("lengths", None, "Context lengths (default 64,128,256,512; quick: 64,128).")
 _TASKS = flags.DEFINE_list("tasks", ["mqar", "passkey"], "Tasks to run.")
-_STEPS = flags.DEFINE_integer("steps", None, "Training steps per run (default 800; quick: 150).")
+_STEPS = flags.DEFINE_integer("steps", None, "Training steps per run (default 800; quick: 100).")
 _BATCH = flags.DEFINE_integer("batch", 32, "Sequences per step.")
 _PAIRS = flags.DEFINE_integer("pairs", 8, "Key-value pairs for mqar.")
 _LR = flags.DEFINE_float("lr", 3e-3, "Peak learning rate.")
@@ -156,8 +156,8 @@ def train_and_eval(cfg, task: str, length: int, steps: int, batch: int, pairs: i
 def main(argv):
     del argv
     quick = _QUICK.value
-    lengths = [int(x) for x in (_LENGTHS.value or (["64", "256"] if quick else ["64", "128", "256", "512"]))]
-    steps = _STEPS.value or (150 if quick else 800)
+    lengths = [int(x) for x in (_LENGTHS.value or (["64", "128"] if quick else ["64", "128", "256", "512"]))]
+    steps = _STEPS.value or (100 if quick else 800)
     hidden, ffn, heads, head_dim = (64, 128, 2, 32)
     print(f"backend {jax.default_backend()}, steps {steps}, batch {_BATCH.value}, lengths {lengths}, "
           f"seed {_SEED.value}")

@@ -1,7 +1,6 @@
 """Training pipeline: loss falls, exact kill/resume, SIGTERM save/resume, fail-fast config errors,
 corrupt/incompatible checkpoints, the non-finite guard and the optimizer pieces."""
 
-import json
 import os
 import shutil
 import signal

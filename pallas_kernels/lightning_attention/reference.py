@@ -8,7 +8,6 @@ S_final = sum_{s in last segment} exp(-lambda (N - 1 - s)) k_s^T v_s
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 
