@@ -39,7 +39,7 @@ class LightningAttention(nn.Module):
             o_BxHxV, new_state = lightning_attention_step(q[:, 0], k[:, 0], v[:, 0], decay_H, state_BxHxKxV)
             o_BxLxHxV = o_BxHxV[:, None]
         else:
-            out = lightning_attention(q, k, v, decay_H, initial_state=state_BxHxKxV,
+            out = lightning_attention(q, k, v, decay_H, impl=cfg.lightning_impl, initial_state=state_BxHxKxV,
                                       return_final_state=return_state, block_size=cfg.block_size,
                                       segment_ids=segment_ids_BxL)
             o_BxLxHxV, new_state = out if return_state else (out, None)
