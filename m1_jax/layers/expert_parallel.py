@@ -1,0 +1,286 @@
+"""Expert parallelism for the MoE: tokens sharded over the batch axes, experts over the expert axis.
+
+Under `jax.shard_map`, each shard routes its own tokens (float32 router, top-k renormalised, as in
+moe.py), sends every token copy to the shard that owns its expert with an all-to-all over the expert
+axis, runs its local experts, sends the results back and combines them with the router weights.
+The expert axis also shards the batch (MaxText style), so every device holds distinct tokens.
+
+Two backends behind one interface:
+- "ragged": dropless. Copies are sorted by expert and exchanged with `lax.ragged_all_to_all`
+  (offsets from an all_gather of per-expert counts); local experts run `lax.ragged_dot`.
+  XLA:CPU cannot run `ragged_all_to_all`; on CPU it only traces/lowers (for TPU/GPU), or runs with
+  `emulate_ragged_a2a=True`, an all_gather-based equivalent used by the tests.
+- "capacity": every (source shard, expert) pair gets C slots, exchanged with a plain
+  `lax.all_to_all`; copies past C are dropped (they contribute 0; the surviving weights are NOT
+  renormalised). Runs everywhere, including CPU.
+  C = ceil(capacity_factor * tokens_per_shard * k / num_experts), clamped to [1, tokens_per_shard].
+  capacity_factor None or <= 0 means "no drops": C = tokens_per_shard (a token picks an expert at
+  most once, so one shard never sends more than tokens_per_shard copies to one expert). Slots are
+  filled first-choice first (all tokens' top-1 copies, then top-2, ...; token order within a rank),
+  GShard style, so overflow drops second choices before first choices.
+
+Both return the load-balance stats (counts_E, prob_sum_E, num_tokens) summed over every token shard,
+so `aux_loss_from_stats` gives the same value as the single-device MoE, plus drop accounting.
+Padding tokens (token_mask 0) are routed and computed like real tokens, as in `MoE`; the mask only
+affects the load-balance stats.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+from m1_jax.config import ModelConfig
+from m1_jax.layers.moe import load_balance_stats, route_top_k, swiglu
+from m1_jax.layers.partitioning import param
+
+BACKENDS = ("capacity", "ragged")
+
+
+def default_batch_axes(mesh, expert_axis: str = "expert") -> tuple[str, ...]:
+    """Mesh axes that shard the tokens by default: data, fsdp and the expert axis (as sharding.py's batch)."""
+    return tuple(a for a in mesh.axis_names if a in ("data", "fsdp", expert_axis))
+
+
+def capacity_per_expert(tokens_per_shard: int, k: int, num_experts: int, capacity_factor) -> int:
+    """Slots per (source shard, expert); see the module docstring for the rule."""
+    if capacity_factor is None or capacity_factor <= 0:
+        return tokens_per_shard
+    c = math.ceil(capacity_factor * tokens_per_shard * k / num_experts)
+    return max(1, min(c, tokens_per_shard))
+
+
+def moe_expert_parallel(x_TxD, router_w_DxE, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, *, mesh, k: int,
+                        expert_axis: str = "expert", batch_axes: Sequence[str] | None = None,
+                        backend: str = "capacity", capacity_factor: float | None = 1.25,
+                        token_mask_T=None, jitter_TxD=None, emulate_ragged_a2a: bool = False):
+    """Expert-parallel dropless-or-capacity MoE over `mesh`. Returns (y_TxD, stats).
+
+    x_TxD: tokens (global shape), sharded over `batch_axes` (default: data/fsdp/expert axes present).
+    router_w_DxE: float32 router (replicated inside). w_*: expert weights, sharded over `expert_axis`
+    on their leading E dimension inside the shard_map (other shardings are gathered at the boundary).
+    token_mask_T: optional, 0 for padding (load-balance stats only). jitter_TxD: optional multiplicative
+    router noise (as MoE's jitter), sharded like x.
+    stats: dict with counts_E, prob_sum_E, num_tokens (psum'd over all token shards, equal to the
+    single-device `load_balance_stats`), dropped (int32 number of dropped token copies), total_copies
+    (T * k) and drop_fraction (dropped / total_copies). The ragged backend always reports 0 dropped.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown expert-parallel backend {backend!r}; use one of {BACKENDS}")
+    if expert_axis not in mesh.axis_names:
+        raise ValueError(f"expert_axis {expert_axis!r} is not a mesh axis {mesh.axis_names}; pass the "
+                         "name of the axis that shards the experts")
+    batch_axes = default_batch_axes(mesh, expert_axis) if batch_axes is None else tuple(batch_axes)
+    if expert_axis not in batch_axes:
+        raise ValueError(f"batch_axes {batch_axes} must include the expert axis {expert_axis!r}: the expert "
+                         "axis also shards the tokens")
+    unknown = [a for a in batch_axes if a not in mesh.axis_names]
+    if unknown:
+        raise ValueError(f"batch_axes {unknown} are not mesh axes {mesh.axis_names}")
+    T, D = x_TxD.shape
+    E = w_gate_ExDxF.shape[0]
+    ep = mesh.shape[expert_axis]
+    shards = math.prod(mesh.shape[a] for a in batch_axes)
+    if E % ep:
+        raise ValueError(f"{E} experts do not split over expert axis of size {ep}; make num_experts a "
+                         "multiple of the expert-parallel degree")
+    if T % shards:
+        raise ValueError(f"{T} tokens do not split over {shards} token shards (axes {batch_axes}); make the "
+                         "number of tokens (batch * length) a multiple of it")
+    if not 1 <= k <= E:
+        raise ValueError(f"k={k} must be in [1, num_experts={E}]")
+    t_loc = T // shards
+    mask_T = jnp.ones((T,), jnp.float32) if token_mask_T is None else token_mask_T.astype(jnp.float32)
+    use_jitter = jitter_TxD is not None
+
+    def body(x_txD, mask_t, router_DxE, w_gate_exDxF, w_up_exDxF, w_down_exFxD, *jitter):
+        router_in = x_txD.astype(jnp.float32)
+        if use_jitter:
+            router_in = router_in * jitter[0].astype(jnp.float32)
+        logits_txE = jnp.dot(router_in, router_DxE, precision=jax.lax.Precision.HIGHEST)
+        weights_txK, experts_txK, probs_txE = route_top_k(logits_txE, k)
+        counts_E, prob_sum_E, num_tokens = load_balance_stats(probs_txE, experts_txK, mask_t)
+        experts_w = (w_gate_exDxF, w_up_exDxF, w_down_exFxD)
+        if backend == "capacity":
+            capacity = capacity_per_expert(t_loc, k, E, capacity_factor)
+            y_txD, dropped = _capacity_dispatch(x_txD, weights_txK, experts_txK, experts_w, expert_axis, ep,
+                                                capacity)
+        else:
+            y_txD = _ragged_dispatch(x_txD, weights_txK, experts_txK, experts_w, expert_axis, ep,
+                                     emulate_ragged_a2a)
+            dropped = jnp.zeros((), jnp.int32)
+        stats = dict(counts_E=counts_E, prob_sum_E=prob_sum_E, num_tokens=num_tokens, dropped=dropped)
+        stats = jax.lax.psum(stats, batch_axes)
+        return y_txD, stats
+
+    tok = P(batch_axes)
+    experts = P(expert_axis)
+    in_specs = (tok, tok, P(), experts, experts, experts) + ((tok,) if use_jitter else ())
+    args = (x_TxD, mask_T, router_w_DxE.astype(jnp.float32), w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
+    args += (jitter_TxD,) if use_jitter else ()
+    fn = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=(tok, P()))
+    y_TxD, stats = fn(*args)
+    stats["total_copies"] = jnp.asarray(T * k, jnp.int32)
+    stats["drop_fraction"] = stats["dropped"].astype(jnp.float32) / (T * k)
+    return y_TxD, stats
+
+
+def _combine(y_copies_KxtxD, weights_txK, dtype):
+    """sum_k w[t,k] y[k,t] in float32, as moe_dropless does."""
+    y = jnp.einsum("ktd,tk->td", y_copies_KxtxD.astype(jnp.float32), weights_txK.astype(jnp.float32))
+    return y.astype(dtype)
+
+
+def _capacity_dispatch(x_txD, weights_txK, experts_txK, experts_w, expert_axis, ep, capacity):
+    """Capacity-padded all_to_all dispatch on one shard. Returns (y_txD, local dropped count)."""
+    t, D = x_txD.shape
+    k = experts_txK.shape[1]
+    w_gate_exDxF, w_up_exDxF, w_down_exFxD = experts_w
+    e_loc = w_gate_exDxF.shape[0]
+    E = e_loc * ep
+    C = capacity
+    # Copies in priority order: rank-major (every top-1 choice before any top-2), then token order.
+    expert_M = experts_txK.T.reshape(-1)
+    token_M = jnp.tile(jnp.arange(t), k)
+    M = expert_M.shape[0]
+    order_M = jnp.argsort(expert_M, stable=True)
+    counts_E = jnp.bincount(expert_M, length=E)
+    starts_E = jnp.cumsum(counts_E) - counts_E
+    pos_sorted = jnp.arange(M) - starts_E[expert_M[order_M]]
+    pos_M = jnp.zeros((M,), pos_sorted.dtype).at[order_M].set(pos_sorted)  # slot index within its expert
+    keep_M = pos_M < C
+    trash = E * C  # dropped copies go to one extra row that is never sent
+    slot_M = jnp.where(keep_M, expert_M * C + pos_M, trash)
+    send = jnp.zeros((E * C + 1, D), x_txD.dtype).at[slot_M].add(x_txD[token_M])[:trash]
+    # [E*C] rows are ordered (dest shard, local expert, slot): split the leading dim over the axis.
+    recv = jax.lax.all_to_all(send.reshape(ep, e_loc * C, D), expert_axis, 0, 0)  # [src shard, e_loc*C, D]
+    h_exRxD = recv.reshape(ep, e_loc, C, D).transpose(1, 0, 2, 3).reshape(e_loc, ep * C, D)
+    # Every local expert has the same padded row count: a batched matmul is the grouped matmul.
+    out_exRxD = jax.vmap(swiglu)(h_exRxD, w_gate_exDxF, w_up_exDxF, w_down_exFxD)
+    back = out_exRxD.reshape(e_loc, ep, C, D).transpose(1, 0, 2, 3).reshape(ep, e_loc * C, D)
+    back = jax.lax.all_to_all(back, expert_axis, 0, 0).reshape(E * C, D)
+    back = jnp.concatenate([back, jnp.zeros((1, D), back.dtype)])  # the trash row reads zeros
+    y_KxtxD = back[slot_M].reshape(k, t, D)
+    dropped = jnp.sum(~keep_M).astype(jnp.int32)
+    return _combine(y_KxtxD, weights_txK, x_txD.dtype), dropped
+
+
+def _grouped_swiglu(x_RxD, group_sizes_e, w_gate_exDxF, w_up_exDxF, w_down_exFxD):
+    # lax.ragged_dot leaves rows past sum(group_sizes) zero, so the padding tail costs no expert work.
+    gate = jax.lax.ragged_dot(x_RxD, w_gate_exDxF, group_sizes_e)
+    up = jax.lax.ragged_dot(x_RxD, w_up_exDxF, group_sizes_e)
+    return jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down_exFxD, group_sizes_e)
+
+
+def _ragged_dispatch(x_txD, weights_txK, experts_txK, experts_w, expert_axis, ep, emulate):
+    """Dropless dispatch with ragged_all_to_all on one shard. Returns y_txD."""
+    t, D = x_txD.shape
+    k = experts_txK.shape[1]
+    w_gate_exDxF, w_up_exDxF, w_down_exFxD = experts_w
+    e_loc = w_gate_exDxF.shape[0]
+    E = e_loc * ep
+    a2a = _ragged_all_to_all_emulated if emulate else jax.lax.ragged_all_to_all
+    expert_M = experts_txK.reshape(-1)
+    M = expert_M.shape[0]
+    order_M = jnp.argsort(expert_M, stable=True)
+    x_sorted = x_txD[order_M // k]
+    sizes_E = jnp.bincount(expert_M, length=E).astype(jnp.int32)
+    # sizes_SxE[s, e]: copies shard s sends to expert e; blocks_SxS[s, j]: copies shard s sends to shard j.
+    sizes_SxE = jax.lax.all_gather(sizes_E, expert_axis)
+    blocks_SxS = sizes_SxE.reshape(ep, ep, e_loc).sum(-1)
+    me = jax.lax.axis_index(expert_axis)
+
+    def exclusive_cumsum(v, axis):
+        return jnp.cumsum(v, axis=axis) - v
+
+    mine_S = blocks_SxS[:, me]  # what each source sends me
+    recv_starts_S = exclusive_cumsum(mine_S, 0)  # where each source's segment lands in my buffer
+    fwd_in_off = exclusive_cumsum(blocks_SxS[me], 0)  # my copies for shard j start here (sorted order)
+    fwd_out_off = exclusive_cumsum(blocks_SxS, 0)[me]  # ...and land here on shard j
+    # Worst case: every shard's tokens each pick min(k, e_loc) of my experts.
+    R = ep * t * min(k, e_loc)
+    buf = jnp.zeros((R, D), x_txD.dtype)
+    recv_RxD = a2a(x_sorted, buf, fwd_in_off, blocks_SxS[me], fwd_out_off, mine_S, axis_name=expert_axis)
+    # The buffer holds, per source, runs of rows for my local experts in order; regroup by expert.
+    seg_sizes = sizes_SxE.reshape(ep, ep, e_loc)[:, me, :].reshape(-1)  # [source, local expert]
+    seg_of_R = jnp.searchsorted(jnp.cumsum(seg_sizes), jnp.arange(R), side="right")
+    local_e_R = jnp.where(seg_of_R < ep * e_loc, seg_of_R % e_loc, e_loc)  # e_loc marks the padding tail
+    perm_R = jnp.argsort(local_e_R, stable=True)
+    group_sizes_e = seg_sizes.reshape(ep, e_loc).sum(0)
+    out_sorted = _grouped_swiglu(recv_RxD[perm_R], group_sizes_e, w_gate_exDxF, w_up_exDxF, w_down_exFxD)
+    out_RxD = jnp.zeros_like(out_sorted).at[perm_R].set(out_sorted)
+    # Return trip: the exact reverse of the forward exchange.
+    back = jnp.zeros((M, D), out_RxD.dtype)
+    back_out_off = exclusive_cumsum(blocks_SxS, 1)[:, me]  # where source j's copies for me began on j
+    y_sorted = a2a(out_RxD, back, recv_starts_S, mine_S, back_out_off, blocks_SxS[me], axis_name=expert_axis)
+    y_MxD = jnp.zeros_like(y_sorted).at[order_M].set(y_sorted)
+    return _combine(y_MxD.reshape(t, k, D).transpose(1, 0, 2), weights_txK, x_txD.dtype)
+
+
+def _ragged_all_to_all_emulated(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
+                                axis_name):
+    """Same result as lax.ragged_all_to_all (one slice per peer), built from all_gather so XLA:CPU runs it.
+
+    Every shard gathers everyone's operand and offsets (memory ep x operand): for tests, not production.
+    """
+    del recv_sizes  # implied by the senders' send_sizes
+    n = jax.lax.axis_size(axis_name)
+    if input_offsets.shape[0] != n:
+        raise ValueError("the emulated ragged_all_to_all supports exactly one slice per peer")
+    me = jax.lax.axis_index(axis_name)
+    all_op = jax.lax.all_gather(operand, axis_name)  # [src, N, ...]
+    src_in_off = jax.lax.all_gather(input_offsets, axis_name)[:, me]
+    src_size = jax.lax.all_gather(send_sizes, axis_name)[:, me]
+    src_out_off = jax.lax.all_gather(output_offsets, axis_name)[:, me]
+    rows = jnp.arange(output.shape[0])
+    result = output
+    for s in range(n):
+        inside = (rows >= src_out_off[s]) & (rows < src_out_off[s] + src_size[s])
+        src_rows = jnp.clip(src_in_off[s] + rows - src_out_off[s], 0, operand.shape[0] - 1)
+        mask = inside.reshape((-1,) + (1,) * (output.ndim - 1))
+        result = jnp.where(mask, all_op[s][src_rows], result)
+    return result
+
+
+class ExpertParallelMoE(nn.Module):
+    """Drop-in for `MoE` (same parameter names, shapes, logical axes and return value) running experts in
+    parallel over `mesh`. Returns (y_BxLxD, (counts_E, prob_sum_E, num_tokens)); drop counts are sown into
+    the "intermediates" collection as "moe_dropped" (visible when that collection is mutable).
+    """
+
+    cfg: ModelConfig
+    mesh: Mesh
+    expert_axis: str = "expert"
+    batch_axes: tuple[str, ...] | None = None
+    backend: str = "capacity"
+    capacity_factor: float | None = 1.25
+
+    @nn.compact
+    def __call__(self, h_BxLxD, token_mask_BxL=None):
+        cfg = self.cfg
+        D, E, F = cfg.hidden_size, cfg.num_experts, cfg.expert_dim
+        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        init = nn.initializers.normal(cfg.initializer_range)
+        w_router = param(self, "router", (D, E), ("embed", None), init, jnp.float32)
+        w_gate = param(self, "w_gate", (E, D, F), ("experts", "embed", "expert_mlp"), init, pdtype)
+        w_up = param(self, "w_up", (E, D, F), ("experts", "embed", "expert_mlp"), init, pdtype)
+        w_down = param(self, "w_down", (E, F, D), ("experts", "expert_mlp", "embed"), init, pdtype)
+
+        B, L, _ = h_BxLxD.shape
+        h_TxD = h_BxLxD.reshape(B * L, D)
+        jitter = None
+        if cfg.router_jitter_noise > 0 and self.has_rng("jitter"):
+            jitter = jax.random.uniform(self.make_rng("jitter"), h_TxD.shape, jnp.float32,
+                                        1.0 - cfg.router_jitter_noise, 1.0 + cfg.router_jitter_noise)
+        mask_T = None if token_mask_BxL is None else token_mask_BxL.reshape(-1)
+        y_TxD, stats = moe_expert_parallel(
+            h_TxD.astype(dtype), w_router, w_gate.astype(dtype), w_up.astype(dtype), w_down.astype(dtype),
+            mesh=self.mesh, k=cfg.num_experts_per_tok, expert_axis=self.expert_axis, batch_axes=self.batch_axes,
+            backend=self.backend, capacity_factor=self.capacity_factor, token_mask_T=mask_T, jitter_TxD=jitter)
+        self.sow("intermediates", "moe_dropped", stats["dropped"])
+        return y_TxD.reshape(B, L, D), (stats["counts_E"], stats["prob_sum_E"], stats["num_tokens"])
