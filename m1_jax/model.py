@@ -15,12 +15,6 @@ from m1_jax.layers.partitioning import param
 from m1_jax.layers.rope import rope_cos_sin
 from m1_jax.layers.softmax_attention import KVCache
 
-_REMAT_POLICIES = {
-    "full": None,  # save nothing inside a group; recompute it in the backward pass
-    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
-
-
 def check_tokens(cfg: ModelConfig, tokens) -> None:
     """Host-side check that token ids are integers inside [0, vocab_size)."""
     arr = np.asarray(tokens)
@@ -60,11 +54,8 @@ class MiniMaxM1(nn.Module):
             positions_BxL = jnp.broadcast_to(start + jnp.arange(L), (B, L))
         cos_sin = rope_cos_sin(positions_BxL, cfg.rotary_dim, cfg.rope_theta)
 
-        group = DecoderGroup
-        if cfg.remat_policy != "none":
-            group = nn.remat(group, prevent_cse=False, policy=_REMAT_POLICIES[cfg.remat_policy])
         scanned = nn.scan(
-            group,
+            DecoderGroup,
             variable_axes={"params": 0},
             split_rngs={"params": True, "jitter": True},
             in_axes=(0, 0, nn.broadcast, nn.broadcast),

@@ -1,9 +1,22 @@
-"""Device meshes from `--mesh` strings and the one logical-axis -> mesh-axis table.
+"""Device meshes from `--mesh` strings, the one logical-axis -> mesh-axis table, and divisibility checks.
 
 Modules only name logical axes ("embed", "experts", "batch", ...); this file says which mesh axes
 shard each of them. A mesh string is either positional ("8x64") or named ("data=8,expert=64").
 Positional names by rank: 1 -> data; 2 -> data x expert; 3 -> data x fsdp x expert;
 4 -> data x fsdp x expert x tensor.
+
+Axes:
+- data:   batch, and ZeRO-3/FSDP sharding of every parameter and optimizer moment (their "embed" dim).
+- fsdp:   the same as data (a separate name so a pod can keep data across slices and fsdp within one).
+- expert: the experts; it also shards the batch (tokens meet their experts by all-to-all, MaxText style)
+          and, for non-expert weights, the "embed" dim (FSDP), so a 2-dim data x expert mesh keeps only
+          1/(data*expert) of the attention weights, embedding and LM head per device.
+- expert_ffn: internal. When the expert axis is larger than num_experts (8x64 with 32 experts),
+          `make_mesh(..., num_experts=E)` factors it into expert = gcd(size, E) and expert_ffn = the rest
+          (the fastest-varying, i.e. nearest, devices). Experts split over `expert`, the expert FFN width
+          (logical "expert_mlp") over `expert_ffn`; the batch still spans both. We chose a factored mesh
+          over a rule that splits one axis unevenly because PartitionSpecs can only name whole axes.
+- tensor: attention heads / kv heads, the vocabulary and the expert FFN width (Megatron-style).
 """
 
 from __future__ import annotations
@@ -16,7 +29,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "expert_ffn", "tensor")
 _POSITIONAL = {
     1: ("data",),
     2: ("data", "expert"),
@@ -24,25 +37,40 @@ _POSITIONAL = {
     4: ("data", "fsdp", "expert", "tensor"),
 }
 
-# The one table. The batch is split over every axis that does not split the model's compute
-# (the expert axis also carries batch, as in MaxText: tokens meet their experts by all-to-all).
-LOGICAL_RULES: tuple[tuple[str, tuple[str, ...] | None], ...] = (
-    ("batch", ("data", "fsdp", "expert")),
-    ("length", None),
-    ("embed", ("fsdp",)),
-    ("vocab", ("tensor",)),
-    ("heads", ("tensor",)),
-    ("kv_heads", ("tensor",)),
-    ("head_dim", None),
-    ("experts", ("expert",)),
-    ("expert_mlp", ("tensor",)),
-    ("layers", None),
+# The one table: logical axis -> (mesh axes for parameters and optimizer state, mesh axes for activations).
+# Parameters and activations share logical names ("embed" is the hidden dim of both), but a parameter's
+# embed dim is FSDP-sharded over the batch axes while an activation's is not (its batch dim already
+# uses them). A mesh axis can shard only one dim of an array: parameter dims claim axes in the order
+# of _PARAM_PRIORITY, so experts/heads/vocab take their model-parallel axes before embed takes the rest.
+_BATCH = ("data", "fsdp", "expert", "expert_ffn")
+LOGICAL_RULES: tuple[tuple[str, tuple[str, ...] | None, tuple[str, ...] | None], ...] = (
+    # logical       params                       activations
+    ("batch",       None,                        _BATCH),
+    ("length",      None,                        None),
+    ("embed",       ("fsdp", "data", "expert", "expert_ffn"), None),
+    ("vocab",       ("tensor",),                 ("tensor",)),
+    ("heads",       ("tensor",),                 ("tensor",)),
+    ("kv_heads",    ("tensor",),                 ("tensor",)),
+    ("head_dim",    None,                        None),
+    ("experts",     ("expert",),                 ("expert",)),
+    ("expert_mlp",  ("expert_ffn", "tensor"),    ("expert_ffn", "tensor")),
+    ("layers",      None,                        None),
 )
+_PARAM_PRIORITY = ("experts", "expert_mlp", "heads", "kv_heads", "vocab", "embed")
 
 
-def parse_mesh_shape(spec: str | None, num_devices: int) -> dict[str, int]:
-    """{"axis": size} for a mesh string; None or "" means every device data-parallel."""
+def _split_spec(spec: str) -> list[str]:
+    return spec.replace(" ", "").split(",") if "=" in spec else spec.replace(" ", "").split("x")
+
+
+def parse_mesh_shape(spec: str | None, num_devices: int | None) -> dict[str, int]:
+    """{"axis": size} for a mesh string; None or "" means every device data-parallel.
+
+    num_devices None skips the device-count check (used before jax is imported).
+    """
     if spec is None or not spec.strip():
+        if num_devices is None:
+            raise ValueError("an empty mesh spec needs the device count")
         return {"data": num_devices}
     spec = spec.replace(" ", "")
     if "=" in spec:
@@ -61,10 +89,17 @@ def parse_mesh_shape(spec: str | None, num_devices: int) -> dict[str, int]:
                              "tensor) or names like 'data=8,expert=64'")
         shape = dict(zip(_POSITIONAL[len(sizes)], sizes))
     total = math.prod(shape.values())
-    if total != num_devices:
+    if num_devices is not None and total != num_devices:
         raise ValueError(f"mesh {spec!r} needs {total} devices, found {num_devices}; pass a --mesh whose "
                          f"sizes multiply to {num_devices} (e.g. --mesh={num_devices})")
     return shape
+
+
+def mesh_device_count(spec: str | None) -> int | None:
+    """Devices a mesh string needs (None for the default all-devices mesh); no jax needed."""
+    if spec is None or not spec.strip():
+        return None
+    return math.prod(parse_mesh_shape(spec, None).values())
 
 
 def _size(spec: str, text: str) -> int:
@@ -77,23 +112,95 @@ def _size(spec: str, text: str) -> int:
     return size
 
 
-def make_mesh(spec: str | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A Mesh over `devices` (default: all) with Auto axes (GSPMD propagates shardings)."""
+def factor_expert_axis(shape: dict[str, int], num_experts: int | None) -> dict[str, int]:
+    """Splits expert=X into expert=gcd(X, E) x expert_ffn=X/gcd when X exceeds the expert count E."""
+    x = shape.get("expert", 1)
+    if num_experts is None or x <= num_experts or "expert_ffn" in shape:
+        return dict(shape)
+    e = math.gcd(x, num_experts)
+    out = {}
+    for name, size in shape.items():
+        if name == "expert":
+            out["expert"], out["expert_ffn"] = e, x // e
+        else:
+            out[name] = size
+    return out
+
+
+def make_mesh(spec: str | None = None, devices: Sequence[jax.Device] | None = None, *,
+              num_experts: int | None = None) -> Mesh:
+    """A Mesh over `devices` (default: every device of every host) with Auto axes (GSPMD propagates).
+
+    num_experts: factor an expert axis larger than the expert count (see the module docstring).
+    """
+    all_devices = devices is None
     devices = list(jax.devices() if devices is None else devices)
-    shape = parse_mesh_shape(spec, len(devices))
-    names = tuple(shape)
-    device_array = np.asarray(devices).reshape(tuple(shape.values()))
-    return Mesh(device_array, names, axis_types=(AxisType.Auto,) * len(names))
+    shape = factor_expert_axis(parse_mesh_shape(spec, len(devices)), num_experts)
+    names, sizes = tuple(shape), tuple(shape.values())
+    axis_types = (AxisType.Auto,) * len(names)
+    if all_devices and jax.default_backend() != "cpu":
+        try:  # topology-aware order on TPU/GPU (hosts along the slowest axis, data)
+            return jax.make_mesh(sizes, names, axis_types=axis_types, devices=devices)
+        except Exception:  # odd shapes the topology helper rejects: plain order still works
+            pass
+    return Mesh(np.asarray(devices).reshape(sizes), names, axis_types=axis_types)
+
+
+def abstract_mesh(spec: str | None, num_devices: int, *, num_experts: int | None = None):
+    """The AbstractMesh make_mesh would build on num_devices devices (shardings and shard shapes without
+    devices, e.g. for ahead-of-time lowering or host-side planning)."""
+    shape = factor_expert_axis(parse_mesh_shape(spec, num_devices), num_experts)
+    return jax.sharding.AbstractMesh(tuple(shape.values()), tuple(shape), axis_types=(AxisType.Auto,) * len(shape))
+
+
+def _present(mesh: Mesh) -> dict[str, int]:
+    return {name: size for name, size in mesh.shape.items() if size > 1}
 
 
 def logical_rules(mesh: Mesh) -> tuple[tuple[str, tuple[str, ...] | None], ...]:
-    """LOGICAL_RULES restricted to the axes this mesh has (size-1 axes dropped too)."""
-    present = {name for name, size in mesh.shape.items() if size > 1}
+    """Activation rules (flax `logical_axis_rules` format) for the axes this mesh has (size-1 dropped)."""
+    present = _present(mesh)
     rules = []
-    for logical, axes in LOGICAL_RULES:
+    for logical, _, axes in LOGICAL_RULES:
         kept = tuple(a for a in (axes or ()) if a in present)
         rules.append((logical, kept if kept else None))
     return tuple(rules)
+
+
+def param_rules(mesh: Mesh) -> dict[str, tuple[str, ...]]:
+    present = _present(mesh)
+    return {logical: tuple(a for a in (axes or ()) if a in present) for logical, axes, _ in LOGICAL_RULES}
+
+
+def param_spec(logical_axes: Sequence[str | None], mesh: Mesh) -> PartitionSpec:
+    """PartitionSpec for one parameter: each dim gets its rule's mesh axes not claimed by a dim that
+    comes earlier in _PARAM_PRIORITY."""
+    rules = param_rules(mesh)
+    for name in logical_axes:
+        if name is not None and name not in rules:
+            raise ValueError(f"logical axis {name!r} has no rule in m1_jax/sharding.py LOGICAL_RULES")
+    used: set[str] = set()
+    chosen: dict[int, tuple[str, ...]] = {}
+    order = sorted((i for i, n in enumerate(logical_axes) if n is not None),
+                   key=lambda i: _PARAM_PRIORITY.index(logical_axes[i]) if logical_axes[i] in _PARAM_PRIORITY
+                   else -1)
+    for i in order:
+        axes = tuple(a for a in rules[logical_axes[i]] if a not in used)
+        used.update(axes)
+        chosen[i] = axes
+    return PartitionSpec(*(_entry(chosen.get(i, ())) for i in range(len(logical_axes))))
+
+
+def _entry(axes: tuple[str, ...]):
+    if not axes:
+        return None
+    return axes[0] if len(axes) == 1 else axes
+
+
+def _spec_axes(entry) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:
@@ -117,7 +224,67 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def logical_shardings(boxed_tree, mesh: Mesh):
-    """NamedShardings for a tree of flax LogicallyPartitioned boxes (e.g. abstract_params(boxed=True))."""
-    specs = nn.get_partition_spec(boxed_tree)
-    return nn.logical_to_mesh_sharding(specs, mesh, logical_rules(mesh))
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _is_box(x) -> bool:
+    return isinstance(x, nn.LogicallyPartitioned)
+
+
+def check_param_divisibility(boxed_tree, mesh: Mesh) -> None:
+    """Raises ValueError naming the parameter, dim and mesh axes when a sharded dim does not divide."""
+    problems = []
+    for path, box in jax.tree_util.tree_flatten_with_path(boxed_tree, is_leaf=_is_box)[0]:
+        if not _is_box(box):
+            continue
+        names, shape = box.names, box.value.shape
+        spec = param_spec(names, mesh)
+        for d, (size, entry) in enumerate(zip(shape, spec)):
+            axes = _spec_axes(entry)
+            ways = math.prod(mesh.shape[a] for a in axes)
+            if size % ways:
+                problems.append(f"parameter {_path_str(path)} {tuple(shape)}: dim {d} ({names[d]!r}, size {size})"
+                                f" is not divisible by mesh axes {axes} (size {ways})")
+    if problems:
+        raise ValueError("sharding does not divide the model:\n  " + "\n  ".join(problems[:20]) +
+                         ("\n  ..." if len(problems) > 20 else "") +
+                         f"\nmesh {dict(mesh.shape)}; change --mesh or the model config")
+
+
+def check_activation_divisibility(cfg, mesh: Mesh, micro_batch: int | None = None) -> None:
+    """Host-side check of the activation dims the model constrains (batch, heads, kv heads, vocab)."""
+    rules = dict(logical_rules(mesh))
+    dims = [("heads", "num_heads", cfg.num_heads), ("kv_heads", "num_kv_heads", cfg.num_kv_heads),
+            ("vocab", "vocab_size", cfg.vocab_size), ("experts", "num_experts", cfg.num_experts)]
+    if micro_batch is not None:
+        dims.insert(0, ("batch", "micro-batch size (data.batch_size / train.grad_accum_steps)", micro_batch))
+    problems = []
+    for logical, what, size in dims:
+        axes = rules[logical] or ()
+        ways = math.prod(mesh.shape[a] for a in axes)
+        if size % ways:
+            problems.append(f"activation dim {logical!r} ({what} = {size}) is not divisible by mesh axes "
+                            f"{axes} (size {ways})")
+    if problems:
+        raise ValueError("sharding does not divide the activations:\n  " + "\n  ".join(problems) +
+                         f"\nmesh {dict(mesh.shape)}; change --mesh, the batch size or the model config")
+
+
+def logical_shardings(boxed_tree, mesh: Mesh, *, check: bool = True):
+    """NamedShardings for a tree of flax LogicallyPartitioned boxes (e.g. abstract_params(boxed=True)).
+
+    Parameters are FSDP/ZeRO-3 sharded (see LOGICAL_RULES); with check, a dim that does not divide
+    raises a ValueError naming it.
+    """
+    if check:
+        check_param_divisibility(boxed_tree, mesh)
+    return jax.tree.map(lambda b: NamedSharding(mesh, param_spec(b.names, mesh)) if _is_box(b) else replicated(mesh),
+                        boxed_tree, is_leaf=_is_box)
+
+
+def shard_bytes(shape_tree, sharding_tree) -> int:
+    """Bytes one device holds of a tree of arrays/ShapeDtypeStructs under the given shardings."""
+    sizes = jax.tree.map(lambda leaf, sh: math.prod(sh.shard_shape(leaf.shape)) * np.dtype(leaf.dtype).itemsize,
+                         shape_tree, sharding_tree)
+    return int(sum(jax.tree.leaves(sizes)))

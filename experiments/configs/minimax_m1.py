@@ -1,7 +1,7 @@
 """The full MiniMax-M1 architecture (456B total, 45.9B active; 80 layers, 32 experts, top-2).
 
-Needs a pod: e.g. --mesh=data=8,fsdp=8,expert=32 (or larger). bf16 compute, fp32 master weights, full
-remat per layer group, the report's AdamW (betas 0.9/0.95, eps 1e-15) and the MiniMax tokenizer.
+Needs a pod: e.g. --mesh=8x64 (data x expert; 512 chips); add --dry_run to compile it on a CPU.
+bf16 compute, fp32 master weights and moments (ZeRO-3 sharded), full remat per layer group, the report's AdamW (betas 0.9/0.95, eps 1e-15) and the MiniMax tokenizer.
 """
 
 import os
@@ -24,7 +24,7 @@ def get_config():
     c.optimizer.warmup_steps = 2000
     c.optimizer.min_lr_ratio = 0.1
     c.train.steps = 100_000
-    c.train.grad_accum_steps = 4
+    c.train.grad_accum_steps = 1   # micro-batch 512 = one 8192-token row per device on 8x64
     c.train.log_every = 10
     c.train.eval_every = 1000
     c.train.checkpoint_every = 500

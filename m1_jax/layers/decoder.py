@@ -1,6 +1,7 @@
 """One decoder layer (post-norm residuals, MiniMax style) and the scanned group of layers."""
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from m1_jax.config import LIGHTNING, ModelConfig
@@ -46,6 +47,12 @@ class DecoderLayer(nn.Module):
         return y, stats, new_cache
 
 
+_REMAT_POLICIES = {
+    "full": None,  # save only each layer's input; recompute the layer in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
 class DecoderGroup(nn.Module):
     """cfg.group_period consecutive layers (7 lightning + 1 softmax for M1); the model scans over groups."""
 
@@ -55,10 +62,15 @@ class DecoderGroup(nn.Module):
     def __call__(self, carry, group_idx, cache_group, segment_ids_BxL, cos_sin):
         x, (counts_E, prob_sum_E, num_tokens) = carry
         p = self.cfg.group_period
+        layer_cls = DecoderLayer
+        if self.cfg.remat_policy != "none":
+            # Per layer, not per group: remat of a whole 8-layer group would hold all 8 layers'
+            # activations at once while recomputing it.
+            layer_cls = nn.remat(DecoderLayer, prevent_cse=False, policy=_REMAT_POLICIES[self.cfg.remat_policy])
         new_caches, layer_counts = [], []
         for j, kind in enumerate(self.cfg.layer_types[:p]):
             layer_cache = None if cache_group is None else cache_group[j]
-            x, (c_E, ps_E, n), new_cache = DecoderLayer(self.cfg, kind, name=f"layer_{j}")(
+            x, (c_E, ps_E, n), new_cache = layer_cls(self.cfg, kind, name=f"layer_{j}")(
                 x, group_idx * p + j, segment_ids_BxL, cos_sin, layer_cache)
             counts_E, prob_sum_E, num_tokens = counts_E + c_E, prob_sum_E + ps_E, num_tokens + n
             new_caches.append(new_cache)

@@ -5,19 +5,27 @@ moe.py), sends every token copy to the shard that owns its expert with an all-to
 axis, runs its local experts, sends the results back and combines them with the router weights.
 The expert axis also shards the batch (MaxText style), so every device holds distinct tokens.
 
-Two backends behind one interface:
-- "ragged": dropless. Copies are sorted by expert and exchanged with `lax.ragged_all_to_all`
-  (offsets from an all_gather of per-expert counts); local experts run `lax.ragged_dot`.
-  XLA:CPU cannot run `ragged_all_to_all`; on CPU it only traces/lowers (for TPU/GPU), or runs with
-  `emulate_ragged_a2a=True`, an all_gather-based equivalent used by the tests.
+Two backends behind one interface, both dropless with capacity_factor None (the default, and the
+single-device MoE's semantics) or <= 0:
+- "ragged": copies are sorted by expert and exchanged with `lax.ragged_all_to_all` (offsets from an
+  all_gather of per-expert counts); local experts run `lax.ragged_dot`. Dropless, the receive buffer
+  is the worst case, ep * tokens_per_shard * min(k, experts_per_shard) rows. With capacity_factor > 0
+  it becomes MiniMax-01's global router: each expert takes at most
+  C_global = ceil(capacity_factor * ep * tokens_per_shard * k / num_experts) copies from its whole
+  expert-axis group (decided from the all-gathered counts, source shards in index order), so a copy
+  drops only when the expert's group-wide load overflows, and the buffer shrinks to
+  experts_per_shard * C_global rows.
+  XLA:CPU cannot run `ragged_all_to_all`; on CPU this backend only traces/lowers (for TPU/GPU), or runs
+  with `emulate_ragged_a2a=True`, an all_gather-based equivalent used by the tests.
 - "capacity": every (source shard, expert) pair gets C slots, exchanged with a plain
-  `lax.all_to_all`; copies past C are dropped (they contribute 0; the surviving weights are NOT
-  renormalised). Runs everywhere, including CPU.
-  C = ceil(capacity_factor * tokens_per_shard * k / num_experts), clamped to [1, tokens_per_shard].
-  capacity_factor None or <= 0 means "no drops": C = tokens_per_shard (a token picks an expert at
-  most once, so one shard never sends more than tokens_per_shard copies to one expert). Slots are
-  filled first-choice first (all tokens' top-1 copies, then top-2, ...; token order within a rank),
-  GShard style, so overflow drops second choices before first choices.
+  `lax.all_to_all`; runs everywhere, including CPU.
+  C = ceil(capacity_factor * tokens_per_shard * k / num_experts), clamped to [1, tokens_per_shard];
+  capacity_factor None or <= 0 gives C = tokens_per_shard, which never drops (a token picks an expert at
+  most once, so one shard never sends more than tokens_per_shard copies to one expert) but makes the
+  buffers num_experts / k times the balanced size; 1.25 is the usual setting.
+Dropped copies contribute 0 and the surviving weights are NOT renormalised. Slots are filled
+first-choice first (all of a shard's top-1 copies, then its top-2, ...; token order within a rank),
+GShard style, so overflow drops second choices before first choices.
 
 Both return the load-balance stats (counts_E, prob_sum_E, num_tokens) summed over every token shard,
 so `aux_loss_from_stats` gives the same value as the single-device MoE, plus drop accounting.
@@ -48,7 +56,8 @@ def default_batch_axes(mesh, expert_axis: str = "expert") -> tuple[str, ...]:
 
 
 def capacity_per_expert(tokens_per_shard: int, k: int, num_experts: int, capacity_factor) -> int:
-    """Slots per (source shard, expert); see the module docstring for the rule."""
+    """Slots per expert for a pool of tokens_per_shard tokens (one shard for "capacity", one expert-axis
+    group for the ragged global router); see the module docstring for the rule."""
     if capacity_factor is None or capacity_factor <= 0:
         return tokens_per_shard
     c = math.ceil(capacity_factor * tokens_per_shard * k / num_experts)
@@ -57,7 +66,7 @@ def capacity_per_expert(tokens_per_shard: int, k: int, num_experts: int, capacit
 
 def moe_expert_parallel(x_TxD, router_w_DxE, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, *, mesh, k: int,
                         expert_axis: str = "expert", batch_axes: Sequence[str] | None = None,
-                        backend: str = "capacity", capacity_factor: float | None = 1.25,
+                        backend: str = "capacity", capacity_factor: float | None = None,
                         token_mask_T=None, jitter_TxD=None, emulate_ragged_a2a: bool = False):
     """Expert-parallel dropless-or-capacity MoE over `mesh`. Returns (y_TxD, stats).
 
@@ -67,8 +76,8 @@ def moe_expert_parallel(x_TxD, router_w_DxE, w_gate_ExDxF, w_up_ExDxF, w_down_Ex
     token_mask_T: optional, 0 for padding (load-balance stats only). jitter_TxD: optional multiplicative
     router noise (as MoE's jitter), sharded like x.
     stats: dict with counts_E, prob_sum_E, num_tokens (psum'd over all token shards, equal to the
-    single-device `load_balance_stats`), dropped (int32 number of dropped token copies), total_copies
-    (T * k) and drop_fraction (dropped / total_copies). The ragged backend always reports 0 dropped.
+    single-device `load_balance_stats`), dropped (int32 number of dropped token copies, summed over the
+    mesh), total_copies (T * k) and drop_fraction (dropped / total_copies).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown expert-parallel backend {backend!r}; use one of {BACKENDS}")
@@ -111,9 +120,10 @@ def moe_expert_parallel(x_TxD, router_w_DxE, w_gate_ExDxF, w_up_ExDxF, w_down_Ex
             y_txD, dropped = _capacity_dispatch(x_txD, weights_txK, experts_txK, experts_w, expert_axis, ep,
                                                 capacity)
         else:
-            y_txD = _ragged_dispatch(x_txD, weights_txK, experts_txK, experts_w, expert_axis, ep,
-                                     emulate_ragged_a2a)
-            dropped = jnp.zeros((), jnp.int32)
+            global_capacity = (None if capacity_factor is None or capacity_factor <= 0
+                               else capacity_per_expert(ep * t_loc, k, E, capacity_factor))
+            y_txD, dropped = _ragged_dispatch(x_txD, weights_txK, experts_txK, experts_w, expert_axis, ep,
+                                              emulate_ragged_a2a, global_capacity)
         stats = dict(counts_E=counts_E, prob_sum_E=prob_sum_E, num_tokens=num_tokens, dropped=dropped)
         stats = jax.lax.psum(stats, batch_axes)
         return y_txD, stats
@@ -177,49 +187,68 @@ def _grouped_swiglu(x_RxD, group_sizes_e, w_gate_exDxF, w_up_exDxF, w_down_exFxD
     return jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down_exFxD, group_sizes_e)
 
 
-def _ragged_dispatch(x_txD, weights_txK, experts_txK, experts_w, expert_axis, ep, emulate):
-    """Dropless dispatch with ragged_all_to_all on one shard. Returns y_txD."""
+def _exclusive_cumsum(v, axis):
+    return jnp.cumsum(v, axis=axis) - v
+
+
+def _ragged_dispatch(x_txD, weights_txK, experts_txK, experts_w, expert_axis, ep, emulate, global_capacity):
+    """ragged_all_to_all dispatch on one shard. Returns (y_txD, local dropped count).
+
+    global_capacity None: dropless, with a worst-case receive buffer. Otherwise each expert takes at most
+    global_capacity copies from its whole expert-axis group, decided from all-gathered per-expert counts
+    (MiniMax-01's global router): source shards fill an expert's slots in shard order, so copies drop
+    only when the expert's group-wide load overflows, and the receive buffer shrinks to e_loc * capacity.
+    """
     t, D = x_txD.shape
     k = experts_txK.shape[1]
     w_gate_exDxF, w_up_exDxF, w_down_exFxD = experts_w
     e_loc = w_gate_exDxF.shape[0]
     E = e_loc * ep
     a2a = _ragged_all_to_all_emulated if emulate else jax.lax.ragged_all_to_all
-    expert_M = experts_txK.reshape(-1)
+    # Copies rank-major (every top-1 choice before any top-2), so a capacity cut drops later choices first.
+    expert_M = experts_txK.T.reshape(-1)
+    token_M = jnp.tile(jnp.arange(t), k)
     M = expert_M.shape[0]
-    order_M = jnp.argsort(expert_M, stable=True)
-    x_sorted = x_txD[order_M // k]
     sizes_E = jnp.bincount(expert_M, length=E).astype(jnp.int32)
-    # sizes_SxE[s, e]: copies shard s sends to expert e; blocks_SxS[s, j]: copies shard s sends to shard j.
+    # sizes_SxE[s, e]: copies shard s has for expert e (identical on every shard of the group).
     sizes_SxE = jax.lax.all_gather(sizes_E, expert_axis)
-    blocks_SxS = sizes_SxE.reshape(ep, ep, e_loc).sum(-1)
     me = jax.lax.axis_index(expert_axis)
-
-    def exclusive_cumsum(v, axis):
-        return jnp.cumsum(v, axis=axis) - v
-
+    R = ep * t * min(k, e_loc)  # dropless worst case: every shard's tokens pick min(k, e_loc) of my experts
+    if global_capacity is None:
+        kept_SxE = sizes_SxE
+        order_M = jnp.argsort(expert_M, stable=True)
+    else:
+        kept_SxE = jnp.clip(global_capacity - _exclusive_cumsum(sizes_SxE, 0), 0, sizes_SxE)
+        by_expert = jnp.argsort(expert_M, stable=True)
+        pos_sorted = jnp.arange(M) - _exclusive_cumsum(sizes_E, 0)[expert_M[by_expert]]
+        pos_M = jnp.zeros((M,), pos_sorted.dtype).at[by_expert].set(pos_sorted)
+        keep_M = pos_M < kept_SxE[me][expert_M]
+        order_M = jnp.argsort(jnp.where(keep_M, expert_M, E), stable=True)  # dropped copies last, unsent
+        R = min(R, e_loc * global_capacity)
+    x_sorted = x_txD[token_M[order_M]]
+    # blocks_SxS[s, j]: copies shard s sends to shard j.
+    blocks_SxS = kept_SxE.reshape(ep, ep, e_loc).sum(-1)
     mine_S = blocks_SxS[:, me]  # what each source sends me
-    recv_starts_S = exclusive_cumsum(mine_S, 0)  # where each source's segment lands in my buffer
-    fwd_in_off = exclusive_cumsum(blocks_SxS[me], 0)  # my copies for shard j start here (sorted order)
-    fwd_out_off = exclusive_cumsum(blocks_SxS, 0)[me]  # ...and land here on shard j
-    # Worst case: every shard's tokens each pick min(k, e_loc) of my experts.
-    R = ep * t * min(k, e_loc)
+    recv_starts_S = _exclusive_cumsum(mine_S, 0)  # where each source's segment lands in my buffer
+    fwd_in_off = _exclusive_cumsum(blocks_SxS[me], 0)  # my copies for shard j start here (sorted order)
+    fwd_out_off = _exclusive_cumsum(blocks_SxS, 0)[me]  # ...and land here on shard j
     buf = jnp.zeros((R, D), x_txD.dtype)
     recv_RxD = a2a(x_sorted, buf, fwd_in_off, blocks_SxS[me], fwd_out_off, mine_S, axis_name=expert_axis)
     # The buffer holds, per source, runs of rows for my local experts in order; regroup by expert.
-    seg_sizes = sizes_SxE.reshape(ep, ep, e_loc)[:, me, :].reshape(-1)  # [source, local expert]
+    seg_sizes = kept_SxE.reshape(ep, ep, e_loc)[:, me, :].reshape(-1)  # [source, local expert]
     seg_of_R = jnp.searchsorted(jnp.cumsum(seg_sizes), jnp.arange(R), side="right")
     local_e_R = jnp.where(seg_of_R < ep * e_loc, seg_of_R % e_loc, e_loc)  # e_loc marks the padding tail
     perm_R = jnp.argsort(local_e_R, stable=True)
     group_sizes_e = seg_sizes.reshape(ep, e_loc).sum(0)
     out_sorted = _grouped_swiglu(recv_RxD[perm_R], group_sizes_e, w_gate_exDxF, w_up_exDxF, w_down_exFxD)
     out_RxD = jnp.zeros_like(out_sorted).at[perm_R].set(out_sorted)
-    # Return trip: the exact reverse of the forward exchange.
+    # Return trip: the exact reverse of the forward exchange. Rows of dropped copies stay zero.
     back = jnp.zeros((M, D), out_RxD.dtype)
-    back_out_off = exclusive_cumsum(blocks_SxS, 1)[:, me]  # where source j's copies for me began on j
+    back_out_off = _exclusive_cumsum(blocks_SxS, 1)[:, me]  # where source j's copies for me began on j
     y_sorted = a2a(out_RxD, back, recv_starts_S, mine_S, back_out_off, blocks_SxS[me], axis_name=expert_axis)
     y_MxD = jnp.zeros_like(y_sorted).at[order_M].set(y_sorted)
-    return _combine(y_MxD.reshape(t, k, D).transpose(1, 0, 2), weights_txK, x_txD.dtype)
+    dropped = (M - jnp.sum(kept_SxE[me])).astype(jnp.int32)
+    return _combine(y_MxD.reshape(k, t, D), weights_txK, x_txD.dtype), dropped
 
 
 def _ragged_all_to_all_emulated(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
@@ -258,7 +287,7 @@ class ExpertParallelMoE(nn.Module):
     expert_axis: str = "expert"
     batch_axes: tuple[str, ...] | None = None
     backend: str = "capacity"
-    capacity_factor: float | None = 1.25
+    capacity_factor: float | None = None
 
     @nn.compact
     def __call__(self, h_BxLxD, token_mask_BxL=None):

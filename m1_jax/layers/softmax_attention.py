@@ -64,6 +64,9 @@ def blockwise_attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL=None, *
     seg_q = seg.reshape(B, nq, bq).transpose(1, 0, 2)
     seg_k = seg.reshape(B, nk, bk).transpose(1, 0, 2)
 
+    has_segments = segment_ids_BxL is not None or Lp != L
+    q_QxBxbxKxGxD = q_QxBxbxKxGxD * jnp.asarray(scale, q_QxBxbxKxGxD.dtype)  # scale q once, not every tile
+
     @jax.checkpoint
     def one_query_block(args):
         qi, q_Bxbx_KxGxD, segq_Bxb = args
@@ -72,13 +75,13 @@ def blockwise_attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL=None, *
         def kv_step(carry, kv_args):
             kj, k_BxbxKxD, v_BxbxKxD, segk_Bxb = kv_args
 
-            def attend(carry):
+            def attend(carry, masked: bool):
                 m_BxKxGxb, l_BxKxGxb, acc_BxKxGxbxD = carry
-                s = jnp.einsum("bqkgd,bskd->bkgqs", q_Bxbx_KxGxD, k_BxbxKxD,
-                               preferred_element_type=jnp.float32) * scale
-                kv_pos = kj * bk + jnp.arange(bk)
-                mask_Bxbqxbk = _visible(q_pos, kv_pos, segq_Bxb, segk_Bxb)
-                s = jnp.where(mask_Bxbqxbk[:, None, None], s, _MASKED)
+                s = jnp.einsum("bqkgd,bskd->bkgqs", q_Bxbx_KxGxD, k_BxbxKxD, preferred_element_type=jnp.float32)
+                if masked:
+                    kv_pos = kj * bk + jnp.arange(bk)
+                    mask_Bxbqxbk = _visible(q_pos, kv_pos, segq_Bxb, segk_Bxb)
+                    s = jnp.where(mask_Bxbqxbk[:, None, None], s, _MASKED)
                 m_new = jnp.maximum(m_BxKxGxb, s.max(-1))
                 correction = jnp.exp(m_BxKxGxb - m_new)
                 p = jnp.exp(s - m_new[..., None])
@@ -87,9 +90,13 @@ def blockwise_attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL=None, *
                                 preferred_element_type=jnp.float32)
                 return m_new, l_new, acc_BxKxGxbxD * correction[..., None] + pv
 
-            # Key blocks entirely in the future of this query block contribute nothing: skip them.
-            needed = kj * bk <= qi * bq + bq - 1
-            return jax.lax.cond(needed, attend, lambda c: c, carry), None
+            # 0: the key block is entirely in this query block's future (skip); 1: entirely in its past
+            # (no causal mask needed unless segments or padding); 2: it straddles the diagonal (mask).
+            future = kj * bk > qi * bq + bq - 1
+            straddles = kj * bk + bk - 1 > qi * bq
+            branch = jnp.where(future, 0, jnp.where(straddles | has_segments, 2, 1))
+            branches = (lambda c: c, lambda c: attend(c, False), lambda c: attend(c, True))
+            return jax.lax.switch(branch, branches, carry), None
 
         init = (jnp.full((B, K, G, bq), -jnp.inf, jnp.float32), jnp.zeros((B, K, G, bq), jnp.float32),
                 jnp.zeros((B, K, G, bq, D), jnp.float32))

@@ -23,6 +23,7 @@ import numpy as np
 from m1_jax import sharding as sharding_lib
 from m1_jax.config import ModelConfig
 from m1_jax.data import load_tokenizer, make_train_iterator
+from m1_jax.model import abstract_params
 from m1_jax.train import checkpoint as ckpt_lib
 from m1_jax.train import metrics as metrics_lib
 from m1_jax.train import optimizer as opt_lib
@@ -64,7 +65,7 @@ def build_setup(config, mesh_spec: str | None = None, devices=None) -> Setup:
         opt_fields["total_steps"] = int(t.steps)  # the schedule spans the run unless set explicitly
     optimizer = opt_lib.OptimizerConfig(**opt_fields)
     optimizer.validate()
-    mesh = sharding_lib.make_mesh(mesh_spec, devices)
+    mesh = sharding_lib.make_mesh(mesh_spec, devices, num_experts=model.num_experts)
     accum, batch = int(t.grad_accum_steps), int(d.batch_size)
     if batch % accum:
         raise ValueError(f"data.batch_size={batch} is not divisible by train.grad_accum_steps={accum}")
@@ -73,6 +74,11 @@ def build_setup(config, mesh_spec: str | None = None, devices=None) -> Setup:
         raise ValueError(f"micro-batch size {batch // accum} (data.batch_size / train.grad_accum_steps) must be "
                          f"divisible by the {ways}-way batch sharding of mesh {dict(mesh.shape)}; change "
                          "--config.data.batch_size or --mesh")
+    if batch % jax.process_count():
+        raise ValueError(f"data.batch_size={batch} must be divisible by the {jax.process_count()} hosts")
+    # Every parameter and activation dim against the mesh axes it maps to, before anything is traced.
+    sharding_lib.check_param_divisibility(abstract_params(model, boxed=True), mesh)
+    sharding_lib.check_activation_divisibility(model, mesh, batch // accum)
     tokenizer = load_tokenizer(d.tokenizer)
     if tokenizer.vocab_size > model.vocab_size:
         raise ValueError(f"tokenizer {tokenizer!r} has {tokenizer.vocab_size} ids but model.vocab_size is "
@@ -83,7 +89,9 @@ def build_setup(config, mesh_spec: str | None = None, devices=None) -> Setup:
 def _iterator(config, setup: Setup, split: str):
     d = config.data
     weights = None if d.task_weights is None else dict(d.task_weights)
-    return make_train_iterator(d.source, setup.tokenizer, batch_size=setup.batch_size, seq_len=setup.seq_len,
+    # Each host loads its own rows: batch_size / process_count of them (put_batch assembles the global batch).
+    return make_train_iterator(d.source, setup.tokenizer, batch_size=setup.batch_size // jax.process_count(),
+                               seq_len=setup.seq_len,
                                seed=int(config.train.seed), mask_prompt=bool(d.mask_prompt), split=split,
                                task_weights=weights, heldout_fraction=float(d.heldout_fraction),
                                shard_index=jax.process_index(), shard_count=jax.process_count())
@@ -102,10 +110,17 @@ def eval_batches(config, setup: Setup, num_batches: int) -> list[dict[str, np.nd
     return out
 
 
+def put_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
+    """Host batch -> global sharded arrays; on several hosts each contributes its local rows."""
+    if jax.process_count() == 1:
+        return jax.device_put(batch, sharding)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
 def heldout_loss(eval_step, params, batches, batch_sharding) -> dict[str, float]:
     ce, n, correct = 0.0, 0.0, 0.0
     for b in batches:
-        ce_sum, count, corr = eval_step(params, jax.device_put(b, batch_sharding))
+        ce_sum, count, corr = eval_step(params, put_batch(b, batch_sharding))
         ce, n, correct = ce + float(ce_sum), n + float(count), correct + float(jnp.sum(corr))
     n = max(n, 1.0)
     return {"eval_loss": ce / n, "eval_token_accuracy": correct / n}
@@ -210,7 +225,7 @@ def train(config, workdir: str, mesh_spec: str | None = None, *, devices=None, s
                 except StopIteration:
                     log_fn(f"data exhausted after step {step}")
                     break
-                state, metrics = step_fn(state, jax.device_put(batch, batch_sharding))
+                state, metrics = step_fn(state, put_batch(batch, batch_sharding))
                 step += 1
                 window_steps += 1
                 record = None

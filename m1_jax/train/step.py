@@ -53,9 +53,20 @@ def mesh_context(mesh):
 
 def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, schedule: Callable,
                     *, grad_accum_steps: int = 1, mesh=None, state_shardings=None):
-    """`state, metrics = step(state, batch)`; jitted with the state donated. Batch arrays are [B, L]."""
+    """`state, metrics = step(state, batch)`; jitted with the state donated. Batch arrays are [B, L].
+
+    With mesh and state_shardings the jit gets explicit in/out shardings (state as given, batch split
+    over the batch axes) and the gradient accumulators are kept sharded like the params (ZeRO-3), not
+    left to propagation. `step.lower(state, batch)` lowers it (abstract ShapeDtypeStructs are fine).
+    """
     accum = int(grad_accum_steps)
     coef = cfg.router_aux_loss_coef
+    explicit = mesh is not None and state_shardings is not None
+
+    def constrain_like_params(tree):
+        if not explicit:
+            return tree
+        return jax.lax.with_sharding_constraint(tree, state_shardings.params)
 
     def micro_loss(params, micro, rng, total_tokens):
         logits, aux = _forward(cfg, params, micro, rng)
@@ -78,10 +89,10 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, s
                 micro = {k: nn.with_logical_constraint(v, ("batch", "length")) for k, v in micro.items()}
             grads, (ce_sum, aux_loss, counts) = grad_fn(state.params, micro, jax.random.fold_in(step_rng, i),
                                                         total_tokens)
-            grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+            grads_acc = constrain_like_params(jax.tree.map(jnp.add, grads_acc, grads))
             return (grads_acc, ce_acc + ce_sum, aux_acc + aux_loss, counts_acc + counts), None
 
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        zeros = constrain_like_params(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params))
         counts0 = jnp.zeros((cfg.num_layers, cfg.num_experts), jnp.float32)
         init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), counts0)
         (grads, ce_sum, aux_sum, counts), _ = jax.lax.scan(body, init, (micros, jnp.arange(accum)))
@@ -105,14 +116,25 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, s
                    "expert_counts": counts, "finite": finite}
         return new_state, metrics
 
-    jitted = jax.jit(step, donate_argnums=0,
-                     out_shardings=None if state_shardings is None else (state_shardings, None))
+    if explicit:
+        rep = sharding_lib.replicated(mesh)
+        jitted = jax.jit(step, donate_argnums=0,
+                         in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
+                         out_shardings=(state_shardings, rep))
+    else:
+        jitted = jax.jit(step, donate_argnums=0,
+                         out_shardings=None if state_shardings is None else (state_shardings, None))
 
     def run(state, batch):
         with mesh_context(mesh):
             return jitted(state, batch)
 
+    def lower(state, batch):
+        with mesh_context(mesh):
+            return jitted.lower(state, batch)
+
     run.jitted = jitted
+    run.lower = lower
     return run
 
 

@@ -1,0 +1,128 @@
+"""Dry run: build the model abstractly, shard it, compile the full train step, report per-device memory.
+
+Nothing is allocated or executed: the state comes from `jax.eval_shape` of its init, the step is
+`jit(step, in_shardings, out_shardings).lower(abstract args).compile()`. Per-device bytes come from
+two places: the shardings' shard shapes (exact for params and optimizer state of the full model) and
+`compiled.memory_analysis()` (what XLA plans to allocate: arguments, outputs, temporaries).
+
+Reduced depth: compiling 80 layers for 512 fake CPU devices is slow on a small machine, so `groups=g`
+compiles g and g+1 layer groups with the exact per-layer shapes and extrapolates every compiled number
+linearly to the full group count (memory grows linearly with scanned groups: stacked params, moments,
+gradients, saved residuals). The table says when it did so.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from m1_jax import sharding as sharding_lib
+from m1_jax.config import ModelConfig
+from m1_jax.train import optimizer as opt_lib
+from m1_jax.train import state as state_lib
+from m1_jax.train import step as step_lib
+
+DEVICE_MEMORY = (("H100 80GB", 80e9), ("TPU v5p 95GB", 95e9))
+_BATCH_DTYPES = {"tokens": jnp.int32, "targets": jnp.int32, "segment_ids": jnp.int32, "positions": jnp.int32,
+                 "loss_mask": jnp.float32}
+_COMPILED_KEYS = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+                  "generated_code_size_in_bytes")
+
+
+def reduced_depth(cfg: ModelConfig, groups: int) -> ModelConfig:
+    """The same model with `groups` layer groups (same per-layer shapes and layer-kind pattern)."""
+    n = groups * cfg.group_period
+    return cfg.replace(num_layers=n, layer_types=cfg.layer_types[:n])
+
+
+def _abstract(shapes, shardings):
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def compile_step(cfg: ModelConfig, tx, schedule, mesh, batch_size: int, seq_len: int, accum: int):
+    """Lowers and compiles the sharded train step on abstract inputs; returns (compiled, seconds)."""
+    shardings = state_lib.state_shardings(cfg, tx, mesh)
+    state = _abstract(state_lib.abstract_state(cfg, tx), shardings)
+    bsh = sharding_lib.batch_sharding(mesh)
+    batch = {k: jax.ShapeDtypeStruct((batch_size, seq_len), dt, sharding=bsh) for k, dt in _BATCH_DTYPES.items()}
+    step = step_lib.make_train_step(cfg, tx, schedule, grad_accum_steps=accum, mesh=mesh, state_shardings=shardings)
+    start = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    return compiled, time.perf_counter() - start
+
+
+def _memory(compiled) -> dict[str, float]:
+    ma = compiled.memory_analysis()
+    if ma is None:
+        raise RuntimeError("this backend gives no memory_analysis() for compiled programs")
+    return {k: float(getattr(ma, k)) for k in _COMPILED_KEYS}
+
+
+def dry_run(setup, *, groups: int | None = None, print_fn: Callable[[str], None] = print) -> dict[str, Any]:
+    """Runs the dry run for a validated `loop.Setup`; prints and returns the per-device memory table.
+
+    groups: compile this many layer groups (and one more) and extrapolate; None compiles the full depth.
+    """
+    full, mesh = setup.model, setup.mesh
+    tx = opt_lib.make_optimizer(setup.optimizer)
+    schedule = opt_lib.make_schedule(setup.optimizer)
+    shardings = state_lib.state_shardings(full, tx, mesh)
+    shapes = state_lib.abstract_state(full, tx)
+    param_bytes = sharding_lib.shard_bytes(shapes.params, shardings.params)
+    opt_bytes = sharding_lib.shard_bytes(shapes.opt_state, shardings.opt_state)
+    grad_bytes = sharding_lib.shard_bytes(
+        jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, jnp.float32), shapes.params), shardings.params)
+
+    G = full.num_groups
+    depths = [G] if groups is None or groups >= G else [groups, groups + 1]
+    compiled_mem, seconds = [], 0.0
+    for g in depths:
+        compiled, secs = compile_step(reduced_depth(full, g), tx, schedule, mesh, setup.batch_size,
+                                      setup.seq_len, setup.grad_accum_steps)
+        compiled_mem.append(_memory(compiled))
+        seconds += secs
+    if len(depths) == 1:
+        mem = compiled_mem[0]
+    else:  # linear in the number of groups: m(G) = m(g) + (G - g) * (m(g+1) - m(g))
+        g = depths[0]
+        mem = {k: compiled_mem[0][k] + (G - g) * (compiled_mem[1][k] - compiled_mem[0][k]) for k in _COMPILED_KEYS}
+    peak = (mem["argument_size_in_bytes"] + mem["output_size_in_bytes"] - mem["alias_size_in_bytes"]
+            + mem["temp_size_in_bytes"])
+    activations = max(mem["temp_size_in_bytes"] - grad_bytes, 0.0)
+
+    gb = lambda b: f"{b / 1e9:10.3f}"  # noqa: E731
+    n_dev = mesh.devices.size
+    platform = mesh.devices.flat[0].platform
+    n_params = sum(math.prod(p.shape) for p in jax.tree.leaves(shapes.params))
+    how = (f"compiled the full depth ({G} layer groups)" if len(depths) == 1 else
+           f"compiled {depths[0]} and {depths[1]} of {G} layer groups (exact per-layer shapes) and extrapolated "
+           "the compiled numbers linearly to the full depth")
+    lines = [
+        f"dry run: {full.num_layers} layers, {n_params / 1e9:.1f}B params ({full.param_dtype} params and "
+        f"moments, {full.dtype} compute); mesh {dict(mesh.shape)} over {n_dev} {platform} devices",
+        f"global batch {setup.batch_size} x {setup.seq_len} tokens, grad_accum_steps {setup.grad_accum_steps}; "
+        f"{how}; compile {seconds:.0f} s",
+        "per-device GB (1 GB = 1e9 bytes)",
+        f"  params (shard shapes)                      {gb(param_bytes)}",
+        f"  optimizer state (shard shapes)             {gb(opt_bytes)}",
+        f"  fp32 gradients (shard shapes)              {gb(grad_bytes)}",
+        f"  compiled arguments (state + batch)         {gb(mem['argument_size_in_bytes'])}",
+        f"  compiled outputs                           {gb(mem['output_size_in_bytes'])}",
+        f"  compiled aliased (donated state)           {gb(mem['alias_size_in_bytes'])}",
+        f"  compiled temporaries                       {gb(mem['temp_size_in_bytes'])}",
+        f"  activations ~ temporaries - fp32 grads     {gb(activations)}",
+        f"  peak = args + outputs - aliased + temps    {gb(peak)}",
+    ]
+    fits = {}
+    for name, limit in DEVICE_MEMORY:
+        fits[name] = peak <= limit
+        lines.append(f"  fits {name:<12}                          {'yes' if fits[name] else 'NO'}")
+    for line in lines:
+        print_fn(line)
+    return {"param_bytes": param_bytes, "opt_bytes": opt_bytes, "grad_bytes": grad_bytes, "compiled": mem,
+            "peak_bytes": peak, "activation_bytes": activations, "fits": fits, "depths": depths,
+            "compile_seconds": seconds, "lines": lines}
