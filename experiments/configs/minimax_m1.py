@@ -1,7 +1,8 @@
 """The full MiniMax-M1 architecture (456B total, 45.9B active; 80 layers, 32 experts, top-2).
 
 Needs a pod: e.g. --mesh=8x64 (data x expert; 512 chips); add --dry_run to compile it on a CPU.
-bf16 compute, fp32 master weights and moments (ZeRO-3 sharded), full remat per layer group, the report's AdamW (betas 0.9/0.95, eps 1e-15) and the MiniMax tokenizer.
+bf16 compute, fp32 master weights and moments (ZeRO-3 sharded), full remat per layer group, the report's
+AdamW (betas 0.9/0.95, eps 1e-15) and the MiniMax tokenizer.
 """
 
 import os
