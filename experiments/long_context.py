@@ -1,22 +1,24 @@
 """What the softmax layers buy: recall at growing context lengths, pure softmax vs pure lightning vs hybrid.
 
-    python experiments/long_context.py --quick       # 4 layers (3:1 hybrid), L in {64,128}; minutes on a 2-core CPU
-    python experiments/long_context.py               # 8 layers (7:1 hybrid), L in {64..512}; est. < 1 h, 2 idle cores
-    python experiments/long_context.py --lengths=64,128,256 --steps=600 --out=/tmp/lc.png
+    python experiments/long_context.py --quick    # 2 layers (1:1 hybrid), L in {64,128}, 600 steps: ~6 min, loaded CPU
+    python experiments/long_context.py            # 8 layers (7:1 hybrid), L in {64,128,256}, 1500 steps (est. < 1 h)
+    python experiments/long_context.py --layers=4 --lengths=64,128,256 --steps=2000 --out=/tmp/lc.png
 
 Three models of (nearly) equal parameter count: pure softmax, pure lightning, and the M1 hybrid (one softmax
-layer closing every group of `--layers` layers: 7:1 at 8 layers, 3:1 at 4). The MLP width of each variant
+layer closing a group of `--layers` layers: 7:1 at 8 layers, 3:1 at 4, 1:1 at 2). The MLP width of each variant
 absorbs the attention-parameter difference (a lightning layer has 5 D A attention params, a softmax layer with
 K = H has 4 D A). Each variant is trained ONCE (one compiled step) on a mixture of both tasks at all lengths:
-every row of a batch is --max-length tokens packed with max_len / L documents of one length L (segment ids keep
+every row of a batch is max(lengths) tokens packed with max_len / L documents of one length L (segment ids keep
 documents apart: softmax is masked, the lightning state resets; positions restart per document). It is then
 scored per (task, length) on held-out documents with the same compiled step (its updates are discarded).
-  - mqar: multi-query associative recall. P = L // pair_ratio key-value pairs, filler, then every key again
-    (shuffled) followed by its value: the pairs grow with the length, so a fixed-size state must hold more.
-    Score: accuracy over the queried values (chance 1 / num_values).
+  - mqar: multi-query associative recall. P = L // pair_ratio key-value pairs (32 keys, 16 values), filler, then
+    every key again (shuffled) followed by its value: the pairs grow with the length, so a fixed-size state must
+    hold more. Score: accuracy over the queried values (chance 1/16).
   - passkey: MARK + a 4-token passkey at a random depth in filler; after QUERY, repeat it.
-    Score: exact match of all 4 tokens.
+    Score: exact match of all 4 tokens (chance 16^-4).
 Loss is on the answer tokens only. All seeds are fixed (--seed); every variant sees the same data stream.
+The weights start at std 0.1 (--init_std) and the rate is constant after warmup: in short CPU trials the presets'
+0.02 and a cosine decay kept these tiny models on the chance plateau for most of the budget.
 """
 
 from __future__ import annotations
@@ -34,14 +36,14 @@ from m1_jax.model import MiniMaxM1, count_params, init_params
 
 _QUICK = flags.DEFINE_bool("quick", False, "Small sweep for a loaded CPU (minutes).")
 _LENGTHS = flags.DEFINE_list("lengths", None, "Document lengths, each dividing the largest "
-                             "(default 64,128,256,512; quick: 64,128).")
+                             "(default 64,128,256; quick: 64,128).")
 _TASKS = flags.DEFINE_list("tasks", ["mqar", "passkey"], "Tasks to train on jointly and score.")
 _VARIANTS = flags.DEFINE_list("variants", ["softmax", "lightning", "hybrid"], "Model variants.")
 _LAYERS = flags.DEFINE_integer("layers", None, "Layers per model; the hybrid is (layers-1):1 (default 8; quick 4).")
 _STEPS = flags.DEFINE_integer("steps", None, "Training steps per variant (default 1500; quick 400).")
-_BATCH = flags.DEFINE_integer("batch", None, "Rows of max(lengths) tokens per step (default 16; quick 8).")
+_BATCH = flags.DEFINE_integer("batch", 8, "Rows of max(lengths) tokens per step.")
 _PAIR_RATIO = flags.DEFINE_integer("pair_ratio", 8, "mqar key-value pairs per document = length // pair_ratio.")
-_LR = flags.DEFINE_float("lr", 3e-3, "Peak learning rate (AdamW, warmup + cosine).")
+_LR = flags.DEFINE_float("lr", 3e-3, "Learning rate (AdamW, linear warmup, then constant).")
 _INIT = flags.DEFINE_float("init_std", 0.1, "Std of the weight init (the presets' 0.02 stalls tiny models).")
 _EVAL = flags.DEFINE_integer("eval_docs", 128, "Held-out documents per (task, length).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of data and init.")
@@ -49,9 +51,9 @@ _OUT = flags.DEFINE_string("out", "/tmp/long_context.png", "Plot path.")
 
 # Token layout of the synthetic vocabulary. 0 is never used (segment id 0 would be padding, not a token).
 MARK, QUERY = 1, 2
-NUM_KEYS = 64
+NUM_KEYS = 32
 KEYS = (4, 4 + NUM_KEYS)  # mqar keys
-VALUES = (KEYS[1], KEYS[1] + 32)  # mqar values and passkey tokens
+VALUES = (KEYS[1], KEYS[1] + 16)  # mqar values and passkey tokens
 FILLER = (VALUES[1], VALUES[1] + 16)
 VOCAB = FILLER[1]
 PASSKEY_LEN = 4
@@ -169,7 +171,8 @@ def masked_xent(logits_BxLxV, tokens_BxL, mask_BxL):
 
 def make_train_step(cfg, steps: int, lr: float):
     model = MiniMaxM1(cfg)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 10), steps, lr * 0.1)
+    # Constant after warmup: a decaying rate stalls these small models just after the recall circuit forms.
+    schedule = optax.warmup_constant_schedule(0.0, lr, max(1, steps // 10))
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=0.01))
 
     @jax.jit
@@ -246,10 +249,10 @@ def train_and_eval(kind: str, layers: int, tasks, lengths, steps: int, batch: in
 def main(argv):
     del argv
     quick = _QUICK.value
-    lengths = sorted(int(x) for x in (_LENGTHS.value or (["64", "128"] if quick else ["64", "128", "256", "512"])))
+    lengths = sorted(int(x) for x in (_LENGTHS.value or (["64", "128"] if quick else ["64", "128", "256"])))
     layers = _LAYERS.value or (2 if quick else 8)
     steps = _STEPS.value or (600 if quick else 1500)
-    batch = _BATCH.value or (8 if quick else 16)
+    batch = _BATCH.value
     tasks = list(_TASKS.value)
     t_start = time.time()
     print(f"backend {jax.default_backend()}, layers {layers}, steps {steps}, batch {batch} x {max(lengths)} tokens, "

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 
 from m1_jax.config import LIGHTNING, ModelConfig
 from m1_jax.layers.lightning import LightningAttention
+from m1_jax.layers.expert_parallel import ExpertParallelMoE
 from m1_jax.layers.moe import MoE
 from m1_jax.layers.norms import rms_norm
 from m1_jax.layers.partitioning import param
@@ -41,7 +42,12 @@ class DecoderLayer(nn.Module):
         x = alpha * h + beta * attn.astype(h.dtype)
         h2 = rms_norm(x, w_post, cfg.rms_norm_eps)
         token_mask = None if segment_ids_BxL is None else segment_ids_BxL != 0
-        moe_out, stats = MoE(cfg, name="moe")(h2, token_mask)
+        if cfg.moe_impl == "expert_parallel":  # mesh from context (jax.set_mesh), batch over its batch axes
+            moe = ExpertParallelMoE(cfg, backend=cfg.moe_backend, capacity_factor=cfg.moe_capacity_factor or None,
+                                    name="moe")
+        else:
+            moe = MoE(cfg, name="moe")
+        moe_out, stats = moe(h2, token_mask)
         y = cfg.mlp_alpha * h2 + cfg.mlp_beta * moe_out.astype(h2.dtype)
         y = nn.with_logical_constraint(y, ("batch", "length", "embed"))
         return y, stats, new_cache

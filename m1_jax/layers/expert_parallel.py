@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from m1_jax.config import ModelConfig
-from m1_jax.layers.moe import load_balance_stats, route_top_k, swiglu
+from m1_jax.layers.moe import load_balance_stats, moe_dropless, route_top_k, swiglu
 from m1_jax.layers.partitioning import param
 
 BACKENDS = ("capacity", "ragged")
@@ -276,14 +276,40 @@ def _ragged_all_to_all_emulated(operand, output, input_offsets, send_sizes, outp
     return result
 
 
+def context_mesh(expert_axis: str = "expert"):
+    """The mesh set with `jax.set_mesh` / `jax.sharding.use_mesh` (the training loop sets it around
+    tracing); ValueError when there is none or it lacks the expert axis."""
+    mesh = jax.sharding.get_abstract_mesh()
+    names = () if mesh is None or mesh.empty else tuple(mesh.axis_names)
+    if expert_axis not in names:
+        raise ValueError(
+            f"moe_impl='expert_parallel' needs a mesh with an {expert_axis!r} axis, but the active mesh has axes "
+            f"{names or 'none (no mesh set)'}; trace the model under `with jax.set_mesh(mesh):` with a mesh "
+            f"such as make_mesh('data=2,expert=4'), or use moe_impl='dropless'")
+    return mesh
+
+
+def model_batch_axes(mesh, expert_axis: str = "expert") -> tuple[str, ...]:
+    """The axes the model's activations shard the batch over (sharding.py's "batch" rule: data, fsdp,
+    expert and expert_ffn where present), so tokens enter the shard_map without a reshard. Over an
+    expert_ffn axis the expert weights are gathered at the shard_map boundary (each device runs its local
+    experts' full FFN on its own tokens) and their gradients summed back over it by the transpose."""
+    present = [a for a in ("data", "fsdp", expert_axis, "expert_ffn") if a in mesh.axis_names]
+    return tuple(a for a in present if mesh.shape[a] > 1 or a == expert_axis)
+
+
 class ExpertParallelMoE(nn.Module):
     """Drop-in for `MoE` (same parameter names, shapes, logical axes and return value) running experts in
     parallel over `mesh`. Returns (y_BxLxD, (counts_E, prob_sum_E, num_tokens)); drop counts are sown into
     the "intermediates" collection as "moe_dropped" (visible when that collection is mutable).
+
+    mesh None: the mesh from context (`jax.set_mesh`); batch_axes None: that mesh's batch axes
+    (`model_batch_axes`). During `init` (parameter shapes only; model init traces a 1x1 token batch that
+    no mesh splits) it computes the single-device dropless MoE instead, with the same parameters.
     """
 
     cfg: ModelConfig
-    mesh: Mesh
+    mesh: Mesh | None = None
     expert_axis: str = "expert"
     batch_axes: tuple[str, ...] | None = None
     backend: str = "capacity"
@@ -307,9 +333,25 @@ class ExpertParallelMoE(nn.Module):
             jitter = jax.random.uniform(self.make_rng("jitter"), h_TxD.shape, jnp.float32,
                                         1.0 - cfg.router_jitter_noise, 1.0 + cfg.router_jitter_noise)
         mask_T = None if token_mask_BxL is None else token_mask_BxL.reshape(-1)
+        if self.is_initializing():
+            return self._dense(h_TxD, mask_T, jitter, w_router, w_gate, w_up, w_down).reshape(B, L, D), \
+                (jnp.zeros((E,), jnp.float32), jnp.zeros((E,), jnp.float32), jnp.zeros((), jnp.float32))
+        mesh = self.mesh if self.mesh is not None else context_mesh(self.expert_axis)
+        batch_axes = self.batch_axes if self.batch_axes is not None else model_batch_axes(mesh, self.expert_axis)
         y_TxD, stats = moe_expert_parallel(
             h_TxD.astype(dtype), w_router, w_gate.astype(dtype), w_up.astype(dtype), w_down.astype(dtype),
-            mesh=self.mesh, k=cfg.num_experts_per_tok, expert_axis=self.expert_axis, batch_axes=self.batch_axes,
+            mesh=mesh, k=cfg.num_experts_per_tok, expert_axis=self.expert_axis, batch_axes=batch_axes,
             backend=self.backend, capacity_factor=self.capacity_factor, token_mask_T=mask_T, jitter_TxD=jitter)
         self.sow("intermediates", "moe_dropped", stats["dropped"])
         return y_TxD.reshape(B, L, D), (stats["counts_E"], stats["prob_sum_E"], stats["num_tokens"])
+
+    def _dense(self, h_TxD, mask_T, jitter, w_router, w_gate, w_up, w_down):
+        """The single-device dropless MoE output (init only)."""
+        dtype = jnp.dtype(self.cfg.dtype)
+        router_in = h_TxD.astype(jnp.float32)
+        if jitter is not None:
+            router_in = router_in * jitter
+        logits_TxE = jnp.dot(router_in, w_router, precision=jax.lax.Precision.HIGHEST)
+        weights_TxK, experts_TxK, _ = route_top_k(logits_TxE, self.cfg.num_experts_per_tok)
+        return moe_dropless(h_TxD.astype(dtype), weights_TxK, experts_TxK, w_gate.astype(dtype),
+                            w_up.astype(dtype), w_down.astype(dtype))

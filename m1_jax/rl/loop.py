@@ -7,6 +7,7 @@ the checkpoint metadata, so a resumed run reproduces the uninterrupted one exact
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -111,6 +112,12 @@ class Sampler:
     return rollout_lib.concat_rollouts(parts), state["cursor"], stats
 
 
+@functools.lru_cache(maxsize=16)
+def cached_rl_step(cfg: ModelConfig, rl: trainer_lib.RLConfig, ocfg: opt_lib.OptimizerConfig, prompt_width: int):
+  """One compiled step per (model, RL, optimizer) config: runs in one process (seeds, resumes) share it."""
+  return trainer_lib.make_rl_step(cfg, rl, opt_lib.make_optimizer(ocfg), prompt_width)
+
+
 def _mean(xs):
   return float(np.mean(xs)) if len(xs) else float("nan")
 
@@ -158,7 +165,7 @@ def run_rl(cfg: ModelConfig, rl: trainer_lib.RLConfig, ocfg: opt_lib.OptimizerCo
 
   sampler = Sampler(cfg, rl, lc, tokenizer)
   prompt_width = rl.max_prompt_len
-  step_fn = trainer_lib.make_rl_step(cfg, rl, tx, prompt_width)
+  step_fn = cached_rl_step(cfg, rl, ocfg, prompt_width)
   ref_logp_fn = trainer_lib.make_logp_fn(cfg, rl, prompt_width) if use_ref else None
   evals = eval_examples(lc)
   writer = metrics_lib.MetricsWriter(workdir, tensorboard=lc.tensorboard)
