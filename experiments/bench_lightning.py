@@ -48,105 +48,105 @@ CEILINGS = {
 
 
 def device_ceilings():
-  kind = jax.devices()[0].device_kind
-  for name, peaks in CEILINGS.items():
-    if name.lower() in kind.lower():
-      return kind, peaks
-  return kind, None
+    kind = jax.devices()[0].device_kind
+    for name, peaks in CEILINGS.items():
+        if name.lower() in kind.lower():
+            return kind, peaks
+    return kind, None
 
 
 def available_impls(requested):
-  backend = jax.default_backend()
-  if requested != ["auto"]:
-    return requested
-  impls = ["chunked"]
-  if backend == "tpu":
-    impls.append("pallas_tpu")
-  elif backend == "gpu":
-    impls.append("pallas_gpu")
-  return impls + ["softmax"]
+    backend = jax.default_backend()
+    if requested != ["auto"]:
+        return requested
+    impls = ["chunked"]
+    if backend == "tpu":
+        impls.append("pallas_tpu")
+    elif backend == "gpu":
+        impls.append("pallas_gpu")
+    return impls + ["softmax"]
 
 
 def effective_chunk(impl, block_size):
-  if impl == "pallas_gpu":
-    return min(block_size, 64)
-  return block_size
+    if impl == "pallas_gpu":
+        return min(block_size, 64)
+    return block_size
 
 
 def make_fn(impl, block_size):
-  if impl == "softmax":
-    kwargs = {"implementation": "cudnn"} if jax.default_backend() == "gpu" else {}
-    return lambda q, k, v, decay: jax.nn.dot_product_attention(q, k, v, is_causal=True, **kwargs)
-  return lambda q, k, v, decay: lightning_attention(q, k, v, decay, impl=impl, block_size=block_size)
+    if impl == "softmax":
+        kwargs = {"implementation": "cudnn"} if jax.default_backend() == "gpu" else {}
+        return lambda q, k, v, decay: jax.nn.dot_product_attention(q, k, v, is_causal=True, **kwargs)
+    return lambda q, k, v, decay: lightning_attention(q, k, v, decay, impl=impl, block_size=block_size)
 
 
 def time_call(fn, args, warmup, repeats):
-  jax.block_until_ready(fn(*args))  # compile
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+    jax.block_until_ready(fn(*args))  # compile
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def work(impl, B, N, H, D, itemsize, block_size):
-  per_token = 2 * N * D if impl == "softmax" else 2 * effective_chunk(impl, block_size) * D + 4 * D * D
-  fwd_flops = B * H * N * per_token
-  bwd_factor = 3.5 if impl == "softmax" else 3.0
-  fwd_bytes = B * N * H * 4 * D * itemsize
-  bwd_bytes = B * N * H * 7 * D * itemsize
-  return (fwd_flops, fwd_bytes), (bwd_factor * fwd_flops, fwd_bytes + bwd_bytes)
+    per_token = 2 * N * D if impl == "softmax" else 2 * effective_chunk(impl, block_size) * D + 4 * D * D
+    fwd_flops = B * H * N * per_token
+    bwd_factor = 3.5 if impl == "softmax" else 3.0
+    fwd_bytes = B * N * H * 4 * D * itemsize
+    bwd_bytes = B * N * H * 7 * D * itemsize
+    return (fwd_flops, fwd_bytes), (bwd_factor * fwd_flops, fwd_bytes + bwd_bytes)
 
 
 def fmt_rate(value, peak):
-  return f"{value:.3g}" if peak is None else f"{value:.3g} ({100 * value / peak:.1f}%)"
+    return f"{value:.3g}" if peak is None else f"{value:.3g} ({100 * value / peak:.1f}%)"
 
 
 def main(argv):
-  del argv
-  dtype = jnp.dtype(FLAGS.dtype)
-  kind, peaks = device_ceilings()
-  flop_peak, bw_peak = (peaks[0], 1e3 * peaks[1]) if peaks else (None, None)  # TFLOP/s, GB/s
-  B, H, D = FLAGS.B, FLAGS.H, FLAGS.D
-  rng = np.random.default_rng(0)
-  # M1's decays for layer 0: lambda_h = 2^(-(h+1)/8) * (1 + 1e-5); their exact values do not affect speed.
-  decay = jnp.asarray(2.0 ** (-(np.arange(H) + 1) / 8.0) * (1 + 1e-5), jnp.float32)
-  rows = []
-  for impl in available_impls(FLAGS.impls):
-    for n in (int(x) for x in FLAGS.N):
-      if impl == "reference" and n > FLAGS.max_reference_n:
-        continue
-      q, k, v, do = (jnp.asarray(rng.normal(size=(B, n, H, D)) / np.sqrt(D), dtype) for _ in range(4))
-      fn = make_fn(impl, FLAGS.block_size)
-      fwd = jax.jit(fn)
+    del argv
+    dtype = jnp.dtype(FLAGS.dtype)
+    kind, peaks = device_ceilings()
+    flop_peak, bw_peak = (peaks[0], 1e3 * peaks[1]) if peaks else (None, None)  # TFLOP/s, GB/s
+    B, H, D = FLAGS.B, FLAGS.H, FLAGS.D
+    rng = np.random.default_rng(0)
+    # M1's decays for layer 0: lambda_h = 2^(-(h+1)/8) * (1 + 1e-5); their exact values do not affect speed.
+    decay = jnp.asarray(2.0 ** (-(np.arange(H) + 1) / 8.0) * (1 + 1e-5), jnp.float32)
+    rows = []
+    for impl in available_impls(FLAGS.impls):
+        for n in (int(x) for x in FLAGS.N):
+            if impl == "reference" and n > FLAGS.max_reference_n:
+                continue
+            q, k, v, do = (jnp.asarray(rng.normal(size=(B, n, H, D)) / np.sqrt(D), dtype) for _ in range(4))
+            fn = make_fn(impl, FLAGS.block_size)
+            fwd = jax.jit(fn)
 
-      @jax.jit
-      def fwd_bwd(q, k, v, decay, do, fn=fn):
-        o, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, decay), q, k, v)
-        return o, vjp(do)
+            @jax.jit
+            def fwd_bwd(q, k, v, decay, do, fn=fn):
+                o, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, decay), q, k, v)
+                return o, vjp(do)
 
-      (fwd_flops, fwd_bytes), (fb_flops, fb_bytes) = work(impl, B, n, H, D, dtype.itemsize, FLAGS.block_size)
-      try:
-        t_fwd = time_call(fwd, (q, k, v, decay), FLAGS.warmup, FLAGS.repeats)
-        t_fb = time_call(fwd_bwd, (q, k, v, decay, do), FLAGS.warmup, FLAGS.repeats)
-      except Exception as e:  # pylint: disable=broad-except
-        logging.warning("%s at N=%d failed: %s", impl, n, str(e).splitlines()[0][:200])
-        rows.append(f"| {impl} | {n} | failed | | | | | |")
-        continue
-      rows.append(
-          f"| {impl} | {n} | {1e3 * t_fwd:.3f} | {fmt_rate(fwd_flops / t_fwd / 1e12, flop_peak)} | "
-          f"{fmt_rate(fwd_bytes / t_fwd / 1e9, bw_peak)} | {1e3 * t_fb:.3f} | "
-          f"{fmt_rate(fb_flops / t_fb / 1e12, flop_peak)} | {fmt_rate(fb_bytes / t_fb / 1e9, bw_peak)} |")
-  print(f"\ndevice: {kind} (backend {jax.default_backend()}, jax {jax.__version__}); B={B} H={H} D={D} "
-        f"dtype={FLAGS.dtype} block_size={FLAGS.block_size}; ceilings: "
-        f"{f'{flop_peak:g} TFLOP/s, {bw_peak:g} GB/s' if peaks else 'unknown'}\n")
-  print("| impl | N | fwd ms | fwd TFLOP/s | fwd GB/s | fwd+bwd ms | fwd+bwd TFLOP/s | fwd+bwd GB/s |")
-  print("|---|---|---|---|---|---|---|---|")
-  print("\n".join(rows))
+            (fwd_flops, fwd_bytes), (fb_flops, fb_bytes) = work(impl, B, n, H, D, dtype.itemsize, FLAGS.block_size)
+            try:
+                t_fwd = time_call(fwd, (q, k, v, decay), FLAGS.warmup, FLAGS.repeats)
+                t_fb = time_call(fwd_bwd, (q, k, v, decay, do), FLAGS.warmup, FLAGS.repeats)
+            except Exception as e:  # pylint: disable=broad-except
+                logging.warning("%s at N=%d failed: %s", impl, n, str(e).splitlines()[0][:200])
+                rows.append(f"| {impl} | {n} | failed | | | | | |")
+                continue
+            rows.append(
+                f"| {impl} | {n} | {1e3 * t_fwd:.3f} | {fmt_rate(fwd_flops / t_fwd / 1e12, flop_peak)} | "
+                f"{fmt_rate(fwd_bytes / t_fwd / 1e9, bw_peak)} | {1e3 * t_fb:.3f} | "
+                f"{fmt_rate(fb_flops / t_fb / 1e12, flop_peak)} | {fmt_rate(fb_bytes / t_fb / 1e9, bw_peak)} |")
+    print(f"\ndevice: {kind} (backend {jax.default_backend()}, jax {jax.__version__}); B={B} H={H} D={D} "
+          f"dtype={FLAGS.dtype} block_size={FLAGS.block_size}; ceilings: "
+          f"{f'{flop_peak:g} TFLOP/s, {bw_peak:g} GB/s' if peaks else 'unknown'}\n")
+    print("| impl | N | fwd ms | fwd TFLOP/s | fwd GB/s | fwd+bwd ms | fwd+bwd TFLOP/s | fwd+bwd GB/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
 
 
 if __name__ == "__main__":
-  app.run(main)
+    app.run(main)

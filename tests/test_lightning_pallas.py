@@ -20,36 +20,36 @@ KERNELS = ["pallas_tpu", "pallas_gpu"]
 
 
 def make_inputs(seed, B, N, H, K, V, dtype=jnp.float32):
-  rng = np.random.default_rng(seed)
-  q, k = (jnp.asarray(rng.normal(size=(B, N, H, K)) / np.sqrt(K), dtype) for _ in range(2))
-  v = jnp.asarray(rng.normal(size=(B, N, H, V)), dtype)
-  s0 = jnp.asarray(rng.normal(size=(B, H, K, V)), jnp.float32)
-  # Cotangents for o and the final state: random, so every output element matters.
-  do = jnp.asarray(rng.normal(size=(B, N, H, V)), dtype)
-  dsf = jnp.asarray(rng.normal(size=(B, H, K, V)), jnp.float32)
-  return q, k, v, s0, do, dsf
+    rng = np.random.default_rng(seed)
+    q, k = (jnp.asarray(rng.normal(size=(B, N, H, K)) / np.sqrt(K), dtype) for _ in range(2))
+    v = jnp.asarray(rng.normal(size=(B, N, H, V)), dtype)
+    s0 = jnp.asarray(rng.normal(size=(B, H, K, V)), jnp.float32)
+    # Cotangents for o and the final state: random, so every output element matters.
+    do = jnp.asarray(rng.normal(size=(B, N, H, V)), dtype)
+    dsf = jnp.asarray(rng.normal(size=(B, H, K, V)), jnp.float32)
+    return q, k, v, s0, do, dsf
 
 
 def decays(H):
-  # From no decay to lambda * N ~ 1e3-1e4 (everything but the diagonal underflows).
-  return jnp.asarray([0.0, 30.0, 0.05, 1e-6][:H] if H <= 4 else np.linspace(0, 30, H), jnp.float32)
+    # From no decay to lambda * N ~ 1e3-1e4 (everything but the diagonal underflows).
+    return jnp.asarray([0.0, 30.0, 0.05, 1e-6][:H] if H <= 4 else np.linspace(0, 30, H), jnp.float32)
 
 
 def rel_err(got, want):
-  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  return np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30)
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30)
 
 
 @functools.partial(jax.jit, static_argnames=("impl", "block_size"))
 def outputs_and_grads(q, k, v, decay, s0, do, dsf, *, impl, block_size):
-  """(o, final_state) and the VJP of (do, dsf) w.r.t. (q, k, v, s0): one trace for forward and backward."""
-  def f(q, k, v, s0):
-    if impl == "reference":
-      return reference.lightning_attention_reference(q, k, v, decay, s0)
-    return lightning_attention(q, k, v, decay, impl=impl, initial_state=s0, return_final_state=True,
-                               block_size=block_size, interpret=True)
-  (o, sf), vjp = jax.vjp(f, q, k, v, s0)
-  return o, sf, vjp((do, dsf))
+    """(o, final_state) and the VJP of (do, dsf) w.r.t. (q, k, v, s0): one trace for forward and backward."""
+    def f(q, k, v, s0):
+        if impl == "reference":
+            return reference.lightning_attention_reference(q, k, v, decay, s0)
+        return lightning_attention(q, k, v, decay, impl=impl, initial_state=s0, return_final_state=True,
+                                   block_size=block_size, interpret=True)
+    (o, sf), vjp = jax.vjp(f, q, k, v, s0)
+    return o, sf, vjp((do, dsf))
 
 
 CASES = [  # B, N, H, K, V, block, dtype, tolerance
@@ -63,140 +63,140 @@ CASES = [  # B, N, H, K, V, block, dtype, tolerance
 @pytest.mark.parametrize("impl", KERNELS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}N{c[1]}H{c[2]}K{c[3]}V{c[4]}C{c[5]}-{c[6].__name__}")
 def test_kernel_matches_reference(impl, case):
-  B, N, H, K, V, C, dtype, tol = case
-  q, k, v, s0, do, dsf = make_inputs(N * 7 + H, B, N, H, K, V, dtype)
-  decay = decays(H)
-  o, sf, grads = outputs_and_grads(q, k, v, decay, s0, do, dsf, impl=impl, block_size=C)
-  o_r, sf_r, grads_r = outputs_and_grads(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
-                                         decay, s0, do.astype(jnp.float32), dsf, impl="reference", block_size=C)
-  assert o.dtype == dtype and sf.dtype == jnp.float32 and o.shape == (B, N, H, V)
-  assert rel_err(o, o_r) <= tol
-  assert rel_err(sf, sf_r) <= tol
-  for name, g, g_r, x in zip(("dq", "dk", "dv", "ds0"), grads, grads_r, (q, k, v, s0)):
-    assert g.dtype == x.dtype and g.shape == x.shape, name
-    assert np.all(np.isfinite(np.asarray(g, np.float32))), name
-    assert rel_err(g, g_r) <= tol, name
+    B, N, H, K, V, C, dtype, tol = case
+    q, k, v, s0, do, dsf = make_inputs(N * 7 + H, B, N, H, K, V, dtype)
+    decay = decays(H)
+    o, sf, grads = outputs_and_grads(q, k, v, decay, s0, do, dsf, impl=impl, block_size=C)
+    o_r, sf_r, grads_r = outputs_and_grads(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+                                           decay, s0, do.astype(jnp.float32), dsf, impl="reference", block_size=C)
+    assert o.dtype == dtype and sf.dtype == jnp.float32 and o.shape == (B, N, H, V)
+    assert rel_err(o, o_r) <= tol
+    assert rel_err(sf, sf_r) <= tol
+    for name, g, g_r, x in zip(("dq", "dk", "dv", "ds0"), grads, grads_r, (q, k, v, s0)):
+        assert g.dtype == x.dtype and g.shape == x.shape, name
+        assert np.all(np.isfinite(np.asarray(g, np.float32))), name
+        assert rel_err(g, g_r) <= tol, name
 
 
 @pytest.mark.parametrize("impl", KERNELS)
 def test_kernel_without_initial_state(impl):
-  q, k, v, _, _, _ = make_inputs(3, 1, 40, 2, 16, 16)
-  decay = jnp.asarray([0.1, 0.7], jnp.float32)
-  fn = jax.jit(functools.partial(lightning_attention, impl=impl, return_final_state=True, block_size=16,
-                                 interpret=True))
-  o, sf = fn(q, k, v, decay)
-  o_r, sf_r = reference.lightning_attention_reference(q, k, v, decay)
-  assert rel_err(o, o_r) <= 1e-5 and rel_err(sf, sf_r) <= 1e-5
+    q, k, v, _, _, _ = make_inputs(3, 1, 40, 2, 16, 16)
+    decay = jnp.asarray([0.1, 0.7], jnp.float32)
+    fn = jax.jit(functools.partial(lightning_attention, impl=impl, return_final_state=True, block_size=16,
+                                   interpret=True))
+    o, sf = fn(q, k, v, decay)
+    o_r, sf_r = reference.lightning_attention_reference(q, k, v, decay)
+    assert rel_err(o, o_r) <= 1e-5 and rel_err(sf, sf_r) <= 1e-5
 
 
 def _races_found():
-  from jax._src.pallas.mosaic.interpret import interpret_pallas_call  # pylint: disable=g-import-not-at-top
-  return interpret_pallas_call.races.races_found
+    from jax._src.pallas.mosaic.interpret import interpret_pallas_call  # pylint: disable=g-import-not-at-top
+    return interpret_pallas_call.races.races_found
 
 
 @pytest.mark.parametrize("reverse", [False, True])
 def test_tpu_kernel_has_no_races(reverse):
-  q, k, v, s0, _, _ = make_inputs(5, 1, 20, 2, 8, 8)
-  decay = jnp.asarray([0.1, 0.5], jnp.float32)
-  pltpu.reset_tpu_interpret_mode_state()
-  try:
-    o, sf = tpu.sweep(q, k, v, decay, s0, reverse=reverse, chunk=8,
-                      interpret=pltpu.InterpretParams(detect_races=True))
-    o = jax.block_until_ready(o)
-    assert not _races_found()
-  finally:
+    q, k, v, s0, _, _ = make_inputs(5, 1, 20, 2, 8, 8)
+    decay = jnp.asarray([0.1, 0.5], jnp.float32)
     pltpu.reset_tpu_interpret_mode_state()
-  if not reverse:
-    o_r, sf_r = reference.lightning_attention_reference(q, k, v, decay, s0)
-    assert rel_err(o, o_r) <= 1e-5 and rel_err(sf, sf_r) <= 1e-5
-  else:
-    # The reverse sweep is the forward one on time-reversed tokens, except that its incoming state reaches the
-    # last token undecayed and its final state is decayed once more (it is the cotangent of S_{-1}).
-    per_head = lambda x: x[None, :, None, None]
-    o_f, sf_f = reference.lightning_attention_reference(q[:, ::-1], k[:, ::-1], v[:, ::-1], decay,
-                                                        s0 * per_head(jnp.exp(decay)))
-    assert rel_err(o, o_f[:, ::-1]) <= 1e-5
-    assert rel_err(sf, sf_f * per_head(jnp.exp(-decay))) <= 1e-5
+    try:
+        o, sf = tpu.sweep(q, k, v, decay, s0, reverse=reverse, chunk=8,
+                          interpret=pltpu.InterpretParams(detect_races=True))
+        o = jax.block_until_ready(o)
+        assert not _races_found()
+    finally:
+        pltpu.reset_tpu_interpret_mode_state()
+    if not reverse:
+        o_r, sf_r = reference.lightning_attention_reference(q, k, v, decay, s0)
+        assert rel_err(o, o_r) <= 1e-5 and rel_err(sf, sf_r) <= 1e-5
+    else:
+        # The reverse sweep is the forward one on time-reversed tokens, except that its incoming state reaches the
+        # last token undecayed and its final state is decayed once more (it is the cotangent of S_{-1}).
+        per_head = lambda x: x[None, :, None, None]
+        o_f, sf_f = reference.lightning_attention_reference(q[:, ::-1], k[:, ::-1], v[:, ::-1], decay,
+                                                            s0 * per_head(jnp.exp(decay)))
+        assert rel_err(o, o_f[:, ::-1]) <= 1e-5
+        assert rel_err(sf, sf_f * per_head(jnp.exp(-decay))) <= 1e-5
 
 
 def _lower_fwd_bwd(impl, platform, dtype, B, N, H, D, block_size):
-  sds = jax.ShapeDtypeStruct
-  args = (sds((B, N, H, D), dtype), sds((B, N, H, D), dtype), sds((B, N, H, D), dtype), sds((H,), jnp.float32),
-          sds((B, H, D, D), jnp.float32))
+    sds = jax.ShapeDtypeStruct
+    args = (sds((B, N, H, D), dtype), sds((B, N, H, D), dtype), sds((B, N, H, D), dtype), sds((H,), jnp.float32),
+            sds((B, H, D, D), jnp.float32))
 
-  def loss(q, k, v, decay, s0):
-    o, sf = lightning_attention(q, k, v, decay, impl=impl, initial_state=s0, return_final_state=True,
-                                block_size=block_size, interpret=False)
-    return jnp.sum(o.astype(jnp.float32)) + jnp.sum(sf)
+    def loss(q, k, v, decay, s0):
+        o, sf = lightning_attention(q, k, v, decay, impl=impl, initial_state=s0, return_final_state=True,
+                                    block_size=block_size, interpret=False)
+        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(sf)
 
-  fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 4)))
-  return fn.trace(*args).lower(lowering_platforms=(platform,)).as_text()
+    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 4)))
+    return fn.trace(*args).lower(lowering_platforms=(platform,)).as_text()
 
 
 @pytest.mark.parametrize("shape", [(1, 1000, 2, 128, 256), (2, 100, 3, 8, 16)], ids=["M1-heads", "small-heads"])
 def test_tpu_kernel_lowers_for_tpu(shape, monkeypatch):
-  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")  # let api.validate accept pallas_tpu on this CPU
-  text = _lower_fwd_bwd("pallas_tpu", "tpu", jnp.bfloat16, *shape)
-  assert text.count("tpu_custom_call") == 4  # forward + dq + two reverse sweeps
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")  # let api.validate accept pallas_tpu on this CPU
+    text = _lower_fwd_bwd("pallas_tpu", "tpu", jnp.bfloat16, *shape)
+    assert text.count("tpu_custom_call") == 4  # forward + dq + two reverse sweeps
 
 
 def test_gpu_kernel_lowers_for_cuda(monkeypatch):
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  text = _lower_fwd_bwd("pallas_gpu", "cuda", jnp.bfloat16, 1, 1000, 2, 128, 64)
-  assert text.count("__gpu$xla.gpu.triton") == 4
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    text = _lower_fwd_bwd("pallas_gpu", "cuda", jnp.bfloat16, 1, 1000, 2, 128, 64)
+    assert text.count("__gpu$xla.gpu.triton") == 4
 
 
 @pytest.mark.parametrize("impl", KERNELS)
 def test_kernel_inside_shard_map(impl):
-  mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
-  B, N, H, K, V = 4, 24, 4, 8, 8
-  q, k, v, s0, do, dsf = make_inputs(11, B, N, H, K, V)
-  decay = jnp.asarray([0.0, 0.2, 1.0, 30.0], jnp.float32)
-  x_spec, s_spec = P("data", None, "model", None), P("data", "model", None, None)
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    B, N, H, K, V = 4, 24, 4, 8, 8
+    q, k, v, s0, do, dsf = make_inputs(11, B, N, H, K, V)
+    decay = jnp.asarray([0.0, 0.2, 1.0, 30.0], jnp.float32)
+    x_spec, s_spec = P("data", None, "model", None), P("data", "model", None, None)
 
-  def local(q, k, v, decay, s0):
-    return lightning_attention(q, k, v, decay, impl=impl, initial_state=s0, return_final_state=True,
-                               block_size=16, interpret=True)
+    def local(q, k, v, decay, s0):
+        return lightning_attention(q, k, v, decay, impl=impl, initial_state=s0, return_final_state=True,
+                                   block_size=16, interpret=True)
 
-  # check_vma=False: pallas_call's out_shape carries no varying-manual-axes annotation.
-  sharded = jax.shard_map(local, mesh=mesh, in_specs=(x_spec, x_spec, x_spec, P("model"), s_spec),
-                          out_specs=(x_spec, s_spec), check_vma=False)
+    # check_vma=False: pallas_call's out_shape carries no varying-manual-axes annotation.
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(x_spec, x_spec, x_spec, P("model"), s_spec),
+                            out_specs=(x_spec, s_spec), check_vma=False)
 
-  def loss(fn, q, k, v, s0):
-    o, sf = fn(q, k, v, decay, s0)
-    return jnp.sum(o * do) + jnp.sum(sf * dsf), (o, sf)
+    def loss(fn, q, k, v, s0):
+        o, sf = fn(q, k, v, decay, s0)
+        return jnp.sum(o * do) + jnp.sum(sf * dsf), (o, sf)
 
-  ref = lambda q, k, v, d, s0: reference.lightning_attention_reference(q, k, v, d, s0)
-  (_, (o, sf)), g = jax.jit(jax.value_and_grad(functools.partial(loss, sharded), argnums=(0, 1, 2, 3),
-                                               has_aux=True))(q, k, v, s0)
-  (_, (o_r, sf_r)), g_r = jax.value_and_grad(functools.partial(loss, ref), argnums=(0, 1, 2, 3),
-                                             has_aux=True)(q, k, v, s0)
-  assert rel_err(o, o_r) <= 1e-5 and rel_err(sf, sf_r) <= 1e-5
-  for a, b in zip(g, g_r):
-    assert rel_err(a, b) <= 1e-5
+    ref = lambda q, k, v, d, s0: reference.lightning_attention_reference(q, k, v, d, s0)
+    (_, (o, sf)), g = jax.jit(jax.value_and_grad(functools.partial(loss, sharded), argnums=(0, 1, 2, 3),
+                                                 has_aux=True))(q, k, v, s0)
+    (_, (o_r, sf_r)), g_r = jax.value_and_grad(functools.partial(loss, ref), argnums=(0, 1, 2, 3),
+                                               has_aux=True)(q, k, v, s0)
+    assert rel_err(o, o_r) <= 1e-5 and rel_err(sf, sf_r) <= 1e-5
+    for a, b in zip(g, g_r):
+        assert rel_err(a, b) <= 1e-5
 
 
 def test_dispatch_and_errors():
-  q, k, v, s0, _, _ = make_inputs(13, 1, 24, 2, 8, 8)
-  decay = jnp.asarray([0.1, 0.2], jnp.float32)
-  assert jax.default_backend() == "cpu" and api.resolve_impl("auto") == "chunked"
-  with pytest.raises(ValueError, match="needs a gpu backend"):
-    lightning_attention(q, k, v, decay, impl="pallas_gpu")
-  with pytest.raises(ValueError, match="needs a tpu backend"):
-    lightning_attention(q, k, v, decay, impl="pallas_tpu")
-  seg = jnp.asarray(np.repeat(np.arange(3), 8)[None], jnp.int32)
-  with pytest.raises(ValueError, match="does not support segment_ids"):
-    lightning_attention(q, k, v, decay, impl="pallas_tpu", segment_ids=seg, interpret=True)
-  with pytest.raises(ValueError, match="decay must be >= 0"):
-    lightning_attention(q, k, v, -decay, impl="pallas_gpu", interpret=True)
-  with pytest.raises(ValueError, match="share a dtype"):
-    lightning_attention(q, k.astype(jnp.bfloat16), v, decay, impl="pallas_tpu", interpret=True)
+    q, k, v, s0, _, _ = make_inputs(13, 1, 24, 2, 8, 8)
+    decay = jnp.asarray([0.1, 0.2], jnp.float32)
+    assert jax.default_backend() == "cpu" and api.resolve_impl("auto") == "chunked"
+    with pytest.raises(ValueError, match="needs a gpu backend"):
+        lightning_attention(q, k, v, decay, impl="pallas_gpu")
+    with pytest.raises(ValueError, match="needs a tpu backend"):
+        lightning_attention(q, k, v, decay, impl="pallas_tpu")
+    seg = jnp.asarray(np.repeat(np.arange(3), 8)[None], jnp.int32)
+    with pytest.raises(ValueError, match="does not support segment_ids"):
+        lightning_attention(q, k, v, decay, impl="pallas_tpu", segment_ids=seg, interpret=True)
+    with pytest.raises(ValueError, match="decay must be >= 0"):
+        lightning_attention(q, k, v, -decay, impl="pallas_gpu", interpret=True)
+    with pytest.raises(ValueError, match="share a dtype"):
+        lightning_attention(q, k.astype(jnp.bfloat16), v, decay, impl="pallas_tpu", interpret=True)
 
 
 def test_auto_falls_back_to_chunked_with_segments_on_kernel_backends(monkeypatch):
-  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-  seg = jnp.zeros((1, 8), jnp.int32)
-  assert api.resolve_impl("auto") == "pallas_tpu"
-  assert api.resolve_impl("auto", segment_ids=seg) == "chunked"
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  assert api.resolve_impl("auto") == "pallas_gpu"
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    seg = jnp.zeros((1, 8), jnp.int32)
+    assert api.resolve_impl("auto") == "pallas_tpu"
+    assert api.resolve_impl("auto", segment_ids=seg) == "chunked"
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert api.resolve_impl("auto") == "pallas_gpu"

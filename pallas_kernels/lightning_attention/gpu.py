@@ -32,88 +32,88 @@ VALUE_TILE = 64
 
 
 def _pow2_at_least(x: int, lo: int) -> int:
-  p = lo
-  while p < x:
-    p *= 2
-  return p
+    p = lo
+    while p < x:
+        p *= 2
+    return p
 
 
 def _kernel(decay_ref, q_ref, k_ref, v_ref, s0_ref, o_ref, sf_ref, *, num_chunks, last_len, chunk, reverse):
-  lam = decay_ref[0]
+    lam = decay_ref[0]
 
-  def body(c, state):
-    idx = (num_chunks - 1 - c) if reverse else c
-    rows = pl.ds(pl.multiple_of(idx * chunk, chunk), chunk)
-    # Arithmetic, not jnp.where: Triton's scalar select of two int literals lowers with a bool/int mix-up.
-    m = chunk - (chunk - last_len) * (idx == num_chunks - 1).astype(jnp.int32)
-    o, new_state = kernel_common.chunk_step(q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], state, lam, m,
-                                            reverse=reverse)
-    o_ref[rows, :] = o.astype(o_ref.dtype)
-    return new_state
+    def body(c, state):
+        idx = (num_chunks - 1 - c) if reverse else c
+        rows = pl.ds(pl.multiple_of(idx * chunk, chunk), chunk)
+        # Arithmetic, not jnp.where: Triton's scalar select of two int literals lowers with a bool/int mix-up.
+        m = chunk - (chunk - last_len) * (idx == num_chunks - 1).astype(jnp.int32)
+        o, new_state = kernel_common.chunk_step(q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], state, lam, m,
+                                                reverse=reverse)
+        o_ref[rows, :] = o.astype(o_ref.dtype)
+        return new_state
 
-  sf_ref[...] = lax.fori_loop(0, num_chunks, body, s0_ref[...].astype(jnp.float32))
+    sf_ref[...] = lax.fori_loop(0, num_chunks, body, s0_ref[...].astype(jnp.float32))
 
 
 def sweep(q, k, v, decay, s0, *, reverse, chunk=64, interpret=False):
-  """q, k [B, N, H, K]; v [B, N, H, V]; decay [H]; s0 [B, H, K, V] -> (o [B, N, H, V] v.dtype, s_final f32)."""
-  B, N, H, K = q.shape
-  V = v.shape[-1]
-  C = _pow2_at_least(min(chunk, MAX_CHUNK, N), 16)
-  Np = kernel_common.round_up(N, C)
-  nc = Np // C
-  Kp, Vp = _pow2_at_least(K, 16), _pow2_at_least(V, 16)
-  qk_pad = ((0, 0), (0, Np - N), (0, 0), (0, Kp - K))
-  q, k = (jnp.pad(x, qk_pad) if qk_pad != ((0, 0),) * 4 else x for x in (q, k))
-  v_pad = ((0, 0), (0, Np - N), (0, 0), (0, Vp - V))
-  v = jnp.pad(v, v_pad) if v_pad != ((0, 0),) * 4 else v
-  s0 = jnp.pad(s0.astype(jnp.float32), ((0, 0), (0, 0), (0, Kp - K), (0, Vp - V)))
-  TV = min(Vp, VALUE_TILE)
-  nv = Vp // TV
-  # [B, N, H, D] -> [B, N, H*D] is free; a head is a column block (Triton reads it as a strided pointer view).
-  q3, k3, v3 = (x.reshape(B, Np, -1) for x in (q, k, v))
-  lam_rows = jnp.tile(jnp.asarray(decay, jnp.float32), B)  # [B*H]
+    """q, k [B, N, H, K]; v [B, N, H, V]; decay [H]; s0 [B, H, K, V] -> (o [B, N, H, V] v.dtype, s_final f32)."""
+    B, N, H, K = q.shape
+    V = v.shape[-1]
+    C = _pow2_at_least(min(chunk, MAX_CHUNK, N), 16)
+    Np = kernel_common.round_up(N, C)
+    nc = Np // C
+    Kp, Vp = _pow2_at_least(K, 16), _pow2_at_least(V, 16)
+    qk_pad = ((0, 0), (0, Np - N), (0, 0), (0, Kp - K))
+    q, k = (jnp.pad(x, qk_pad) if qk_pad != ((0, 0),) * 4 else x for x in (q, k))
+    v_pad = ((0, 0), (0, Np - N), (0, 0), (0, Vp - V))
+    v = jnp.pad(v, v_pad) if v_pad != ((0, 0),) * 4 else v
+    s0 = jnp.pad(s0.astype(jnp.float32), ((0, 0), (0, 0), (0, Kp - K), (0, Vp - V)))
+    TV = min(Vp, VALUE_TILE)
+    nv = Vp // TV
+    # [B, N, H, D] -> [B, N, H*D] is free; a head is a column block (Triton reads it as a strided pointer view).
+    q3, k3, v3 = (x.reshape(B, Np, -1) for x in (q, k, v))
+    lam_rows = jnp.tile(jnp.asarray(decay, jnp.float32), B)  # [B*H]
 
-  def qk_map(bh, vt):
-    return lax.div(bh, H), 0, lax.rem(bh, H)
+    def qk_map(bh, vt):
+        return lax.div(bh, H), 0, lax.rem(bh, H)
 
-  def v_map(bh, vt):
-    return lax.div(bh, H), 0, lax.rem(bh, H) * nv + vt
+    def v_map(bh, vt):
+        return lax.div(bh, H), 0, lax.rem(bh, H) * nv + vt
 
-  def s_map(bh, vt):
-    return lax.div(bh, H), lax.rem(bh, H), 0, vt
+    def s_map(bh, vt):
+        return lax.div(bh, H), lax.rem(bh, H), 0, vt
 
-  kernel = functools.partial(_kernel, num_chunks=nc, last_len=N - (nc - 1) * C, chunk=C, reverse=reverse)
-  o3, sf = pl.pallas_call(
-      kernel,
-      grid=(B * H, nv),
-      in_specs=[
-          pl.BlockSpec((1,), lambda bh, vt: (bh,)),
-          pl.BlockSpec((None, Np, Kp), qk_map),
-          pl.BlockSpec((None, Np, Kp), qk_map),
-          pl.BlockSpec((None, Np, TV), v_map),
-          pl.BlockSpec((None, None, Kp, TV), s_map),
-      ],
-      out_specs=[
-          pl.BlockSpec((None, Np, TV), v_map),
-          pl.BlockSpec((None, None, Kp, TV), s_map),
-      ],
-      out_shape=[
-          jax.ShapeDtypeStruct((B, Np, H * Vp), v.dtype),
-          jax.ShapeDtypeStruct((B, H, Kp, Vp), jnp.float32),
-      ],
-      compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
-      interpret=interpret,
-  )(lam_rows, q3, k3, v3, s0)
-  return o3.reshape(B, Np, H, Vp)[:, :N, :, :V], sf[:, :, :K, :V]
+    kernel = functools.partial(_kernel, num_chunks=nc, last_len=N - (nc - 1) * C, chunk=C, reverse=reverse)
+    o3, sf = pl.pallas_call(
+        kernel,
+        grid=(B * H, nv),
+        in_specs=[
+            pl.BlockSpec((1,), lambda bh, vt: (bh,)),
+            pl.BlockSpec((None, Np, Kp), qk_map),
+            pl.BlockSpec((None, Np, Kp), qk_map),
+            pl.BlockSpec((None, Np, TV), v_map),
+            pl.BlockSpec((None, None, Kp, TV), s_map),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, Np, TV), v_map),
+            pl.BlockSpec((None, None, Kp, TV), s_map),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((B, Np, H * Vp), v.dtype),
+            jax.ShapeDtypeStruct((B, H, Kp, Vp), jnp.float32),
+        ],
+        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
+        interpret=interpret,
+    )(lam_rows, q3, k3, v3, s0)
+    return o3.reshape(B, Np, H, Vp)[:, :N, :, :V], sf[:, :, :K, :V]
 
 
 @functools.lru_cache(maxsize=None)
 def _differentiable(chunk, interpret):
-  return kernel_common.make_differentiable(functools.partial(sweep, chunk=chunk, interpret=interpret))
+    return kernel_common.make_differentiable(functools.partial(sweep, chunk=chunk, interpret=interpret))
 
 
 def lightning_attention_gpu(q, k, v, decay, initial_state=None, *, block_size=64, interpret=False):
-  """Returns (o [B, N, H, V] in v's dtype, final_state [B, H, K, V] float32); differentiable in q, k, v, state."""
-  B, _, H, K = q.shape
-  s0 = jnp.zeros((B, H, K, v.shape[-1]), jnp.float32) if initial_state is None else initial_state
-  return _differentiable(int(block_size), interpret)(q, k, v, jnp.asarray(decay, jnp.float32), s0)
+    """Returns (o [B, N, H, V] in v's dtype, final_state [B, H, K, V] float32); differentiable in q, k, v, state."""
+    B, _, H, K = q.shape
+    s0 = jnp.zeros((B, H, K, v.shape[-1]), jnp.float32) if initial_state is None else initial_state
+    return _differentiable(int(block_size), interpret)(q, k, v, jnp.asarray(decay, jnp.float32), s0)

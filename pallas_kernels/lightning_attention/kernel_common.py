@@ -27,72 +27,72 @@ from jax import lax
 
 
 def round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
+    return -(-x // m) * m
 
 
 def _masked_exp(lam, expo_int):
-  """exp(-lam * e) where e >= 0, else 0. Clamped before exp so masked entries can never overflow."""
-  valid = expo_int >= 0
-  return jnp.where(valid, jnp.exp(-lam * jnp.maximum(expo_int, 0).astype(jnp.float32)), 0.0)
+    """exp(-lam * e) where e >= 0, else 0. Clamped before exp so masked entries can never overflow."""
+    valid = expo_int >= 0
+    return jnp.where(valid, jnp.exp(-lam * jnp.maximum(expo_int, 0).astype(jnp.float32)), 0.0)
 
 
 def _dot(a, b, contract, precision):
-  return lax.dot_general(a, b, (contract, ((), ())), precision=precision, preferred_element_type=jnp.float32)
+    return lax.dot_general(a, b, (contract, ((), ())), precision=precision, preferred_element_type=jnp.float32)
 
 
 def chunk_step(q_CxK, k_CxK, v_CxV, state_KxV, lam, m, *, reverse: bool):
-  """One chunk on tiles already loaded on chip. Returns (o_CxV float32, new_state_KxV float32).
+    """One chunk on tiles already loaded on chip. Returns (o_CxV float32, new_state_KxV float32).
 
-  lam: float32 scalar; m: int32 scalar, the chunk's number of valid rows (padding sits at the end).
+    lam: float32 scalar; m: int32 scalar, the chunk's number of valid rows (padding sits at the end).
 
-  Matmul operands stay in the input dtype (bf16 runs on tensor cores / the MXU) and accumulate in float32;
-  float32 inputs use Precision.HIGHEST (IEEE on Triton, not TF32). Iotas are int32 and cast (TPU has no float
-  iota).
-  """
-  C = q_CxK.shape[0]
-  dt = q_CxK.dtype
-  prec = lax.Precision.HIGHEST if dt == jnp.float32 else lax.Precision.DEFAULT
-  i_CxC = lax.broadcasted_iota(jnp.int32, (C, C), 0)
-  j_CxC = lax.broadcasted_iota(jnp.int32, (C, C), 1)
-  r_Cx1 = lax.broadcasted_iota(jnp.int32, (C, 1), 0)
-  if reverse:
-    d_CxC = _masked_exp(lam, j_CxC - i_CxC)
-    q_scale_Cx1 = _masked_exp(lam, m - 1 - r_Cx1)
-    k_scale_Cx1 = _masked_exp(lam, r_Cx1 + 1)
-  else:
-    d_CxC = _masked_exp(lam, i_CxC - j_CxC)
-    q_scale_Cx1 = _masked_exp(lam, r_Cx1 + 1)
-    k_scale_Cx1 = _masked_exp(lam, m - 1 - r_Cx1)
-  scores_CxC = _dot(q_CxK, k_CxK, ((1,), (1,)), prec) * d_CxC
-  o_CxV = _dot(scores_CxC.astype(dt), v_CxV, ((1,), (0,)), prec)
-  q_dec = (q_CxK.astype(jnp.float32) * q_scale_Cx1).astype(dt)
-  o_CxV = o_CxV + _dot(q_dec, state_KxV.astype(dt), ((1,), (0,)), prec)
-  k_dec = (k_CxK.astype(jnp.float32) * k_scale_Cx1).astype(dt)
-  gamma = jnp.exp(-lam * m.astype(jnp.float32))
-  new_state = gamma * state_KxV + _dot(k_dec, v_CxV, ((0,), (0,)), prec)
-  return o_CxV, new_state
+    Matmul operands stay in the input dtype (bf16 runs on tensor cores / the MXU) and accumulate in float32;
+    float32 inputs use Precision.HIGHEST (IEEE on Triton, not TF32). Iotas are int32 and cast (TPU has no float
+    iota).
+    """
+    C = q_CxK.shape[0]
+    dt = q_CxK.dtype
+    prec = lax.Precision.HIGHEST if dt == jnp.float32 else lax.Precision.DEFAULT
+    i_CxC = lax.broadcasted_iota(jnp.int32, (C, C), 0)
+    j_CxC = lax.broadcasted_iota(jnp.int32, (C, C), 1)
+    r_Cx1 = lax.broadcasted_iota(jnp.int32, (C, 1), 0)
+    if reverse:
+        d_CxC = _masked_exp(lam, j_CxC - i_CxC)
+        q_scale_Cx1 = _masked_exp(lam, m - 1 - r_Cx1)
+        k_scale_Cx1 = _masked_exp(lam, r_Cx1 + 1)
+    else:
+        d_CxC = _masked_exp(lam, i_CxC - j_CxC)
+        q_scale_Cx1 = _masked_exp(lam, r_Cx1 + 1)
+        k_scale_Cx1 = _masked_exp(lam, m - 1 - r_Cx1)
+    scores_CxC = _dot(q_CxK, k_CxK, ((1,), (1,)), prec) * d_CxC
+    o_CxV = _dot(scores_CxC.astype(dt), v_CxV, ((1,), (0,)), prec)
+    q_dec = (q_CxK.astype(jnp.float32) * q_scale_Cx1).astype(dt)
+    o_CxV = o_CxV + _dot(q_dec, state_KxV.astype(dt), ((1,), (0,)), prec)
+    k_dec = (k_CxK.astype(jnp.float32) * k_scale_Cx1).astype(dt)
+    gamma = jnp.exp(-lam * m.astype(jnp.float32))
+    new_state = gamma * state_KxV + _dot(k_dec, v_CxV, ((0,), (0,)), prec)
+    return o_CxV, new_state
 
 
 def make_differentiable(sweep):
-  """Wraps sweep(q, k, v, decay_H, s0, *, reverse) -> (o, s_final) in a custom VJP (Pallas has no autodiff)."""
+    """Wraps sweep(q, k, v, decay_H, s0, *, reverse) -> (o, s_final) in a custom VJP (Pallas has no autodiff)."""
 
-  @jax.custom_vjp
-  def attention(q, k, v, decay, s0):
-    return sweep(q, k, v, decay, s0, reverse=False)
+    @jax.custom_vjp
+    def attention(q, k, v, decay, s0):
+        return sweep(q, k, v, decay, s0, reverse=False)
 
-  def fwd(q, k, v, decay, s0):
-    return sweep(q, k, v, decay, s0, reverse=False), (q, k, v, decay, s0)
+    def fwd(q, k, v, decay, s0):
+        return sweep(q, k, v, decay, s0, reverse=False), (q, k, v, decay, s0)
 
-  def bwd(res, cts):
-    q, k, v, decay, s0 = res
-    do, dsf = cts
-    do = do.astype(v.dtype)
-    dsf = dsf.astype(jnp.float32)
-    t = functools.partial(jnp.swapaxes, axis1=-1, axis2=-2)
-    dq, _ = sweep(do, v, k, decay, t(s0), reverse=False)
-    dv, ds0 = sweep(k, q, do, decay, dsf, reverse=True)
-    dk, _ = sweep(v, do, q, decay, t(dsf), reverse=True)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv, jnp.zeros_like(decay), ds0.astype(s0.dtype)
+    def bwd(res, cts):
+        q, k, v, decay, s0 = res
+        do, dsf = cts
+        do = do.astype(v.dtype)
+        dsf = dsf.astype(jnp.float32)
+        t = functools.partial(jnp.swapaxes, axis1=-1, axis2=-2)
+        dq, _ = sweep(do, v, k, decay, t(s0), reverse=False)
+        dv, ds0 = sweep(k, q, do, decay, dsf, reverse=True)
+        dk, _ = sweep(v, do, q, decay, t(dsf), reverse=True)
+        return dq.astype(q.dtype), dk.astype(k.dtype), dv, jnp.zeros_like(decay), ds0.astype(s0.dtype)
 
-  attention.defvjp(fwd, bwd)
-  return attention
+    attention.defvjp(fwd, bwd)
+    return attention

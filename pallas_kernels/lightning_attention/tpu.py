@@ -29,103 +29,103 @@ VMEM_LIMIT_BYTES = 32 * 1024 * 1024  # far above need (C=256, D=128: ~2 MiB), wi
 
 def _kernel(decay_ref, q_ref, k_ref, v_ref, s0_ref, o_ref, sf_ref, state_scr, *, num_chunks, last_len, chunk,
             reverse):
-  bh, c = pl.program_id(0), pl.program_id(2)
+    bh, c = pl.program_id(0), pl.program_id(2)
 
-  @pl.when(c == 0)
-  def _():
-    state_scr[...] = s0_ref[...].astype(jnp.float32)
+    @pl.when(c == 0)
+    def _():
+        state_scr[...] = s0_ref[...].astype(jnp.float32)
 
-  chunk_idx = (num_chunks - 1 - c) if reverse else c
-  m = jnp.where(chunk_idx == num_chunks - 1, last_len, chunk).astype(jnp.int32)
-  o, new_state = kernel_common.chunk_step(q_ref[...], k_ref[...], v_ref[...], state_scr[...], decay_ref[bh], m,
-                                          reverse=reverse)
-  o_ref[...] = o.astype(o_ref.dtype)
-  state_scr[...] = new_state
+    chunk_idx = (num_chunks - 1 - c) if reverse else c
+    m = jnp.where(chunk_idx == num_chunks - 1, last_len, chunk).astype(jnp.int32)
+    o, new_state = kernel_common.chunk_step(q_ref[...], k_ref[...], v_ref[...], state_scr[...], decay_ref[bh], m,
+                                            reverse=reverse)
+    o_ref[...] = o.astype(o_ref.dtype)
+    state_scr[...] = new_state
 
-  @pl.when(c == num_chunks - 1)
-  def _():
-    sf_ref[...] = new_state
+    @pl.when(c == num_chunks - 1)
+    def _():
+        sf_ref[...] = new_state
 
 
 def sweep(q, k, v, decay, s0, *, reverse, chunk=256, interpret=False):
-  """q, k [B, N, H, K]; v [B, N, H, V]; decay [H]; s0 [B, H, K, V] -> (o [B, N, H, V] v.dtype, s_final f32)."""
-  B, N, H, K = q.shape
-  V = v.shape[-1]
-  C = kernel_common.round_up(min(chunk, N), 16)
-  Np = kernel_common.round_up(N, C)
-  nc = Np // C
-  pad = ((0, 0), (0, Np - N), (0, 0), (0, 0))
-  q, k, v = (jnp.pad(x, pad) if Np != N else x for x in (q, k, v))
-  lam_rows = jnp.tile(jnp.asarray(decay, jnp.float32), B)  # [B*H], row b*H + h
+    """q, k [B, N, H, K]; v [B, N, H, V]; decay [H]; s0 [B, H, K, V] -> (o [B, N, H, V] v.dtype, s_final f32)."""
+    B, N, H, K = q.shape
+    V = v.shape[-1]
+    C = kernel_common.round_up(min(chunk, N), 16)
+    Np = kernel_common.round_up(N, C)
+    nc = Np // C
+    pad = ((0, 0), (0, Np - N), (0, 0), (0, 0))
+    q, k, v = (jnp.pad(x, pad) if Np != N else x for x in (q, k, v))
+    lam_rows = jnp.tile(jnp.asarray(decay, jnp.float32), B)  # [B*H], row b*H + h
 
-  aligned = (K % 128 == 0 and V % 128 == 0) or H == 1
-  if aligned:
-    Bv, Hv = B, H
-    q3, k3, v3 = (x.reshape(B, Np, -1) for x in (q, k, v))
-    s0v = s0
-  else:  # small heads: one row per (b, h) so each block spans the full last axis
-    Bv, Hv = B * H, 1
-    q3, k3, v3 = (jnp.swapaxes(x, 1, 2).reshape(B * H, Np, -1) for x in (q, k, v))
-    s0v = s0.reshape(B * H, 1, K, V)
-  TV = 128 if V % 128 == 0 else V
-  nv = V // TV
+    aligned = (K % 128 == 0 and V % 128 == 0) or H == 1
+    if aligned:
+        Bv, Hv = B, H
+        q3, k3, v3 = (x.reshape(B, Np, -1) for x in (q, k, v))
+        s0v = s0
+    else:  # small heads: one row per (b, h) so each block spans the full last axis
+        Bv, Hv = B * H, 1
+        q3, k3, v3 = (jnp.swapaxes(x, 1, 2).reshape(B * H, Np, -1) for x in (q, k, v))
+        s0v = s0.reshape(B * H, 1, K, V)
+    TV = 128 if V % 128 == 0 else V
+    nv = V // TV
 
-  def row(bh):  # lax.div/rem: jnp's floor division lowers through sign(), which Mosaic rejects off-TPU
-    return lax.div(bh, Hv), lax.rem(bh, Hv)
+    def row(bh):  # lax.div/rem: jnp's floor division lowers through sign(), which Mosaic rejects off-TPU
+        return lax.div(bh, Hv), lax.rem(bh, Hv)
 
-  def chunk_of(c):
-    return nc - 1 - c if reverse else c
+    def chunk_of(c):
+        return nc - 1 - c if reverse else c
 
-  def qk_map(bh, vt, c):
-    b, h = row(bh)
-    return b, chunk_of(c), h
+    def qk_map(bh, vt, c):
+        b, h = row(bh)
+        return b, chunk_of(c), h
 
-  def v_map(bh, vt, c):
-    b, h = row(bh)
-    return b, chunk_of(c), h * nv + vt
+    def v_map(bh, vt, c):
+        b, h = row(bh)
+        return b, chunk_of(c), h * nv + vt
 
-  def s_map(bh, vt, c):
-    b, h = row(bh)
-    return b, h, 0, vt
+    def s_map(bh, vt, c):
+        b, h = row(bh)
+        return b, h, 0, vt
 
-  kernel = functools.partial(_kernel, num_chunks=nc, last_len=N - (nc - 1) * C, chunk=C, reverse=reverse)
-  o3, sf = pl.pallas_call(
-      kernel,
-      grid=(Bv * Hv, nv, nc),
-      in_specs=[
-          pl.BlockSpec(memory_space=pltpu.SMEM),
-          pl.BlockSpec((None, C, K), qk_map),
-          pl.BlockSpec((None, C, K), qk_map),
-          pl.BlockSpec((None, C, TV), v_map),
-          pl.BlockSpec((None, None, K, TV), s_map),
-      ],
-      out_specs=[
-          pl.BlockSpec((None, C, TV), v_map),
-          pl.BlockSpec((None, None, K, TV), s_map),
-      ],
-      out_shape=[
-          jax.ShapeDtypeStruct((Bv, Np, Hv * V), v.dtype),
-          jax.ShapeDtypeStruct((Bv, Hv, K, V), jnp.float32),
-      ],
-      scratch_shapes=[pltpu.VMEM((K, TV), jnp.float32)],
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"),
-                                           vmem_limit_bytes=VMEM_LIMIT_BYTES),
-      interpret=interpret,
-  )(lam_rows, q3, k3, v3, s0v.astype(jnp.float32))
-  if aligned:
-    o = o3.reshape(B, Np, H, V)
-  else:
-    o = jnp.swapaxes(o3.reshape(B, H, Np, V), 1, 2)
-  return o[:, :N], sf.reshape(B, H, K, V)
+    kernel = functools.partial(_kernel, num_chunks=nc, last_len=N - (nc - 1) * C, chunk=C, reverse=reverse)
+    o3, sf = pl.pallas_call(
+        kernel,
+        grid=(Bv * Hv, nv, nc),
+        in_specs=[
+            pl.BlockSpec(memory_space=pltpu.SMEM),
+            pl.BlockSpec((None, C, K), qk_map),
+            pl.BlockSpec((None, C, K), qk_map),
+            pl.BlockSpec((None, C, TV), v_map),
+            pl.BlockSpec((None, None, K, TV), s_map),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, C, TV), v_map),
+            pl.BlockSpec((None, None, K, TV), s_map),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((Bv, Np, Hv * V), v.dtype),
+            jax.ShapeDtypeStruct((Bv, Hv, K, V), jnp.float32),
+        ],
+        scratch_shapes=[pltpu.VMEM((K, TV), jnp.float32)],
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"),
+                                             vmem_limit_bytes=VMEM_LIMIT_BYTES),
+        interpret=interpret,
+    )(lam_rows, q3, k3, v3, s0v.astype(jnp.float32))
+    if aligned:
+        o = o3.reshape(B, Np, H, V)
+    else:
+        o = jnp.swapaxes(o3.reshape(B, H, Np, V), 1, 2)
+    return o[:, :N], sf.reshape(B, H, K, V)
 
 
 @functools.lru_cache(maxsize=None)
 def _differentiable(chunk, interpret):
-  return kernel_common.make_differentiable(functools.partial(sweep, chunk=chunk, interpret=interpret))
+    return kernel_common.make_differentiable(functools.partial(sweep, chunk=chunk, interpret=interpret))
 
 
 def lightning_attention_tpu(q, k, v, decay, initial_state=None, *, block_size=256, interpret=False):
-  """Returns (o [B, N, H, V] in v's dtype, final_state [B, H, K, V] float32); differentiable in q, k, v, state."""
-  B, _, H, K = q.shape
-  s0 = jnp.zeros((B, H, K, v.shape[-1]), jnp.float32) if initial_state is None else initial_state
-  return _differentiable(int(block_size), interpret)(q, k, v, jnp.asarray(decay, jnp.float32), s0)
+    """Returns (o [B, N, H, V] in v's dtype, final_state [B, H, K, V] float32); differentiable in q, k, v, state."""
+    B, _, H, K = q.shape
+    s0 = jnp.zeros((B, H, K, v.shape[-1]), jnp.float32) if initial_state is None else initial_state
+    return _differentiable(int(block_size), interpret)(q, k, v, jnp.asarray(decay, jnp.float32), s0)
