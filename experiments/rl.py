@@ -59,87 +59,87 @@ SMALL_TASKS = ("mod_sum",)  # problem spaces so small that a held-out split has 
 
 
 def eval_split(task: str, flag: str) -> str:
-  if flag != "auto":
-    return flag
-  return "train" if task in SMALL_TASKS else "eval"
+    if flag != "auto":
+        return flag
+    return "train" if task in SMALL_TASKS else "eval"
 
 
 def build_configs(cfg):
-  from m1_jax.rl.loop import LoopConfig
-  from m1_jax.rl.trainer import RLConfig
-  from m1_jax.train.optimizer import OptimizerConfig
-  rl = RLConfig(algo=FLAGS.algo, group_size=FLAGS.group_size, prompts_per_step=FLAGS.prompts_per_step, mu=FLAGS.mu,
-                micro_batches=FLAGS.micro_batches, temperature=FLAGS.temperature, max_new_tokens=FLAGS.max_new_tokens,
-                max_prompt_len=FLAGS.max_prompt_len, eps_low=FLAGS.eps_low, eps_high=FLAGS.eps_high,
-                aggregation=FLAGS.aggregation, kl_coef=FLAGS.kl_coef, dynamic_sampling=FLAGS.dynamic_sampling,
-                overlong_penalty=FLAGS.overlong_penalty, overlong_cache=FLAGS.overlong_cache,
-                overlong_filter=FLAGS.overlong_filter, format_weight=FLAGS.format_weight)
-  ocfg = OptimizerConfig(learning_rate=FLAGS.lr, schedule="constant", warmup_steps=0,
-                         total_steps=FLAGS.steps * FLAGS.mu, weight_decay=0.0, clip_norm=FLAGS.clip_norm)
-  lc = LoopConfig(task=FLAGS.task, steps=FLAGS.steps, seed=FLAGS.seed, data_seed=FLAGS.data_seed,
-                  eval_split=eval_split(FLAGS.task, FLAGS.eval_split), num_eval=FLAGS.num_eval,
-                  eval_every=FLAGS.eval_every, checkpoint_every=FLAGS.checkpoint_every)
-  rl.validate()
-  ocfg.validate()
-  lc.validate()
-  return rl, ocfg, lc
+    from m1_jax.rl.loop import LoopConfig
+    from m1_jax.rl.trainer import RLConfig
+    from m1_jax.train.optimizer import OptimizerConfig
+    rl = RLConfig(algo=FLAGS.algo, group_size=FLAGS.group_size, prompts_per_step=FLAGS.prompts_per_step, mu=FLAGS.mu,
+                  micro_batches=FLAGS.micro_batches, temperature=FLAGS.temperature, max_new_tokens=FLAGS.max_new_tokens,
+                  max_prompt_len=FLAGS.max_prompt_len, eps_low=FLAGS.eps_low, eps_high=FLAGS.eps_high,
+                  aggregation=FLAGS.aggregation, kl_coef=FLAGS.kl_coef, dynamic_sampling=FLAGS.dynamic_sampling,
+                  overlong_penalty=FLAGS.overlong_penalty, overlong_cache=FLAGS.overlong_cache,
+                  overlong_filter=FLAGS.overlong_filter, format_weight=FLAGS.format_weight)
+    ocfg = OptimizerConfig(learning_rate=FLAGS.lr, schedule="constant", warmup_steps=0,
+                           total_steps=FLAGS.steps * FLAGS.mu, weight_decay=0.0, clip_norm=FLAGS.clip_norm)
+    lc = LoopConfig(task=FLAGS.task, steps=FLAGS.steps, seed=FLAGS.seed, data_seed=FLAGS.data_seed,
+                    eval_split=eval_split(FLAGS.task, FLAGS.eval_split), num_eval=FLAGS.num_eval,
+                    eval_every=FLAGS.eval_every, checkpoint_every=FLAGS.checkpoint_every)
+    rl.validate()
+    ocfg.validate()
+    lc.validate()
+    return rl, ocfg, lc
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  import jax
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    import jax
 
-  from m1_jax import sharding as sharding_lib
-  from m1_jax.config import get_config
-  from m1_jax.data import load_tokenizer
-  from m1_jax.data.tasks import TASKS
-  from m1_jax.rl import warmup as warmup_lib
-  from m1_jax.rl.loop import run_rl
+    from m1_jax import sharding as sharding_lib
+    from m1_jax.config import get_config
+    from m1_jax.data import load_tokenizer
+    from m1_jax.data.tasks import TASKS
+    from m1_jax.rl import warmup as warmup_lib
+    from m1_jax.rl.loop import run_rl
 
-  if FLAGS.compilation_cache:
-    jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-  if FLAGS.task not in TASKS:
-    print(f"error: unknown --task={FLAGS.task}; choose from {sorted(TASKS)}", file=sys.stderr)
-    sys.exit(2)
-  mesh = sharding_lib.make_mesh(FLAGS.mesh, jax.devices()[:1] if FLAGS.mesh is None else None)
-  if mesh.size > 1:
-    print(f"error: --mesh={FLAGS.mesh} spans {mesh.size} devices; the RL loop runs on one device for now",
-          file=sys.stderr)
-    sys.exit(2)
-  tokenizer = load_tokenizer("byte")
-  overrides = {"fp32_lm_head": FLAGS.fp32_lm_head, **({"dtype": FLAGS.dtype} if FLAGS.dtype else {})}
-  if FLAGS.init_checkpoint:
-    cfg, params = warmup_lib.load_params(FLAGS.init_checkpoint)
-    cfg = cfg.replace(**overrides)
-    init = lambda: params
-  else:
-    cfg = get_config(FLAGS.model, **overrides)
-    warm_dir = os.path.join(FLAGS.workdir, "warm_start")
+    if FLAGS.compilation_cache:
+        jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    if FLAGS.task not in TASKS:
+        print(f"error: unknown --task={FLAGS.task}; choose from {sorted(TASKS)}", file=sys.stderr)
+        sys.exit(2)
+    mesh = sharding_lib.make_mesh(FLAGS.mesh, jax.devices()[:1] if FLAGS.mesh is None else None)
+    if mesh.size > 1:
+        print(f"error: --mesh={FLAGS.mesh} spans {mesh.size} devices; the RL loop runs on one device for now",
+              file=sys.stderr)
+        sys.exit(2)
+    tokenizer = load_tokenizer("byte")
+    overrides = {"fp32_lm_head": FLAGS.fp32_lm_head, **({"dtype": FLAGS.dtype} if FLAGS.dtype else {})}
+    if FLAGS.init_checkpoint:
+        cfg, params = warmup_lib.load_params(FLAGS.init_checkpoint)
+        cfg = cfg.replace(**overrides)
+        init = lambda: params
+    else:
+        cfg = get_config(FLAGS.model, **overrides)
+        warm_dir = os.path.join(FLAGS.workdir, "warm_start")
 
-    def init():
-      if os.path.isdir(warm_dir):
-        return warmup_lib.load_params(warm_dir, cfg)[1]
-      wc = warmup_lib.WarmupConfig(task=FLAGS.task, seed=FLAGS.data_seed, max_steps=FLAGS.warmup_max_steps,
-                                   learning_rate=FLAGS.warmup_lr, target_accuracy=FLAGS.warmup_target,
-                                   max_new_tokens=FLAGS.max_new_tokens, num_eval=FLAGS.num_eval,
-                                   eval_split=eval_split(FLAGS.task, FLAGS.eval_split), eval_every=25)
-      params, _ = warmup_lib.sft_warmup(cfg, tokenizer, wc, log_fn=print)
-      warmup_lib.save_params(warm_dir, cfg, params)
-      return params
-  try:
-    rl, ocfg, lc = build_configs(cfg)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  print(f"workdir: {FLAGS.workdir}", flush=True)
-  result = run_rl(cfg, rl, ocfg, lc, FLAGS.workdir, tokenizer, init_params=init, log_fn=print)
-  m = result["last_metrics"]
-  print(f"done at step {result['step']}: " + ", ".join(f"{k}={m[k]:.4g}" for k in
-        ("reward", "accuracy", "heldout_accuracy", "eval_accuracy", "prob_corr", "entropy") if k in m), flush=True)
+        def init():
+            if os.path.isdir(warm_dir):
+                return warmup_lib.load_params(warm_dir, cfg)[1]
+            wc = warmup_lib.WarmupConfig(task=FLAGS.task, seed=FLAGS.data_seed, max_steps=FLAGS.warmup_max_steps,
+                                         learning_rate=FLAGS.warmup_lr, target_accuracy=FLAGS.warmup_target,
+                                         max_new_tokens=FLAGS.max_new_tokens, num_eval=FLAGS.num_eval,
+                                         eval_split=eval_split(FLAGS.task, FLAGS.eval_split), eval_every=25)
+            params, _ = warmup_lib.sft_warmup(cfg, tokenizer, wc, log_fn=print)
+            warmup_lib.save_params(warm_dir, cfg, params)
+            return params
+    try:
+        rl, ocfg, lc = build_configs(cfg)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"workdir: {FLAGS.workdir}", flush=True)
+    result = run_rl(cfg, rl, ocfg, lc, FLAGS.workdir, tokenizer, init_params=init, log_fn=print)
+    m = result["last_metrics"]
+    print(f"done at step {result['step']}: " + ", ".join(f"{k}={m[k]:.4g}" for k in
+          ("reward", "accuracy", "heldout_accuracy", "eval_accuracy", "prob_corr", "entropy") if k in m), flush=True)
 
 
 if __name__ == "__main__":
-  logging.set_verbosity(logging.WARNING)
-  app.run(main)
+    logging.set_verbosity(logging.WARNING)
+    app.run(main)

@@ -31,213 +31,213 @@ from m1_jax.train.state import TrainState
 
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
-  task: str = "mod_sum"
-  steps: int = 100               # RL steps (rollouts); each makes rl.mu optimizer updates
-  seed: int = 0                  # sampling randomness
-  data_seed: int = 0             # which problems (train prompts and the eval set)
-  heldout_fraction: float = 0.1
-  eval_split: str = "eval"       # "eval" (held-out problems) or "train" (for tiny problem spaces)
-  num_eval: int = 64
-  eval_every: int = 10
-  checkpoint_every: int = 20
-  keep_checkpoints: int = 2
-  tensorboard: bool = False
+    task: str = "mod_sum"
+    steps: int = 100               # RL steps (rollouts); each makes rl.mu optimizer updates
+    seed: int = 0                  # sampling randomness
+    data_seed: int = 0             # which problems (train prompts and the eval set)
+    heldout_fraction: float = 0.1
+    eval_split: str = "eval"       # "eval" (held-out problems) or "train" (for tiny problem spaces)
+    num_eval: int = 64
+    eval_every: int = 10
+    checkpoint_every: int = 20
+    keep_checkpoints: int = 2
+    tensorboard: bool = False
 
-  def validate(self) -> None:
-    if self.eval_split not in sources.SPLITS:
-      raise ValueError(f"eval_split must be one of {sorted(sources.SPLITS)}, got {self.eval_split!r}")
-    if self.steps < 1 or self.num_eval < 1:
-      raise ValueError(f"steps ({self.steps}) and num_eval ({self.num_eval}) must be >= 1")
-    if self.eval_every < 0 or self.checkpoint_every < 0:
-      raise ValueError("eval_every and checkpoint_every must be >= 0 (0 turns them off)")
+    def validate(self) -> None:
+        if self.eval_split not in sources.SPLITS:
+            raise ValueError(f"eval_split must be one of {sorted(sources.SPLITS)}, got {self.eval_split!r}")
+        if self.steps < 1 or self.num_eval < 1:
+            raise ValueError(f"steps ({self.steps}) and num_eval ({self.num_eval}) must be >= 1")
+        if self.eval_every < 0 or self.checkpoint_every < 0:
+            raise ValueError("eval_every and checkpoint_every must be >= 0 (0 turns them off)")
 
 
 def eval_examples(lc: LoopConfig):
-  weights = {lc.task: 1.0}
-  if lc.eval_split == "eval":
-    return sources.heldout_examples(lc.num_eval, seed=lc.data_seed, task_weights=weights,
-                                    heldout_fraction=lc.heldout_fraction)
-  # A fixed block far from the prompts RL trains on (those start at index 0).
-  return sources.train_examples(lc.num_eval, seed=lc.data_seed + 1, task_weights=weights,
-                                heldout_fraction=lc.heldout_fraction)
+    weights = {lc.task: 1.0}
+    if lc.eval_split == "eval":
+        return sources.heldout_examples(lc.num_eval, seed=lc.data_seed, task_weights=weights,
+                                        heldout_fraction=lc.heldout_fraction)
+    # A fixed block far from the prompts RL trains on (those start at index 0).
+    return sources.train_examples(lc.num_eval, seed=lc.data_seed + 1, task_weights=weights,
+                                  heldout_fraction=lc.heldout_fraction)
 
 
 class Sampler:
-  """Draws one step's rollout: rounds of `prompts_per_step` prompts until enough informative groups."""
+    """Draws one step's rollout: rounds of `prompts_per_step` prompts until enough informative groups."""
 
-  def __init__(self, cfg: ModelConfig, rl: trainer_lib.RLConfig, lc: LoopConfig, tokenizer):
-    self.cfg, self.rl, self.lc, self.tokenizer = cfg, rl, lc, tokenizer
+    def __init__(self, cfg: ModelConfig, rl: trainer_lib.RLConfig, lc: LoopConfig, tokenizer):
+        self.cfg, self.rl, self.lc, self.tokenizer = cfg, rl, lc, tokenizer
 
-  def _round(self, params, cursor: int, rng) -> rollout_lib.Rollout:
-    rl = self.rl
-    examples = sources.train_examples(rl.prompts_per_step, seed=self.lc.data_seed, start=cursor,
-                                      task_weights={self.lc.task: 1.0}, heldout_fraction=self.lc.heldout_fraction)
-    r = rollout_lib.sample_rollout(self.cfg, params, self.tokenizer, examples, group_size=rl.group_size,
-                                   max_new_tokens=rl.max_new_tokens, prompt_width=rl.max_prompt_len,
-                                   temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k, rng=rng,
-                                   format_weight=rl.format_weight)
-    if rl.overlong_penalty:
-      penalty = np.asarray(filters.overlong_penalty(r.lengths, rl.max_new_tokens, rl.overlong_cache), np.float32)
-      r = r.replace(rewards=r.rewards + penalty)
-    return r
+    def _round(self, params, cursor: int, rng) -> rollout_lib.Rollout:
+        rl = self.rl
+        examples = sources.train_examples(rl.prompts_per_step, seed=self.lc.data_seed, start=cursor,
+                                          task_weights={self.lc.task: 1.0}, heldout_fraction=self.lc.heldout_fraction)
+        r = rollout_lib.sample_rollout(self.cfg, params, self.tokenizer, examples, group_size=rl.group_size,
+                                       max_new_tokens=rl.max_new_tokens, prompt_width=rl.max_prompt_len,
+                                       temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k, rng=rng,
+                                       format_weight=rl.format_weight)
+        if rl.overlong_penalty:
+            penalty = np.asarray(filters.overlong_penalty(r.lengths, rl.max_new_tokens, rl.overlong_cache), np.float32)
+            r = r.replace(rewards=r.rewards + penalty)
+        return r
 
-  def sample(self, params, cursor: int, rng) -> tuple[rollout_lib.Rollout, int, dict[str, float]]:
-    """(rollout of exactly prompts_per_step groups, new cursor, stats)."""
-    rl = self.rl
-    if not rl.dynamic_sampling:
-      r = self._round(params, cursor, rng)
-      return r, cursor + rl.prompts_per_step, {"sampled_groups": rl.prompts_per_step, "rounds": 1}
-    rounds: list[rollout_lib.Rollout] = []
-    state = {"cursor": cursor}
+    def sample(self, params, cursor: int, rng) -> tuple[rollout_lib.Rollout, int, dict[str, float]]:
+        """(rollout of exactly prompts_per_step groups, new cursor, stats)."""
+        rl = self.rl
+        if not rl.dynamic_sampling:
+            r = self._round(params, cursor, rng)
+            return r, cursor + rl.prompts_per_step, {"sampled_groups": rl.prompts_per_step, "rounds": 1}
+        rounds: list[rollout_lib.Rollout] = []
+        state = {"cursor": cursor}
 
-    def sample_fn(_):
-      # Always a full round: one generate shape, one compile.
-      r = self._round(params, state["cursor"], jax.random.fold_in(rng, len(rounds)))
-      state["cursor"] += rl.prompts_per_step
-      rounds.append(r)
-      G = rl.group_size
-      groups = [(len(rounds) - 1, g) for g in range(rl.prompts_per_step)]
-      return groups, r.correct.reshape(rl.prompts_per_step, G)
+        def sample_fn(_):
+            # Always a full round: one generate shape, one compile.
+            r = self._round(params, state["cursor"], jax.random.fold_in(rng, len(rounds)))
+            state["cursor"] += rl.prompts_per_step
+            rounds.append(r)
+            G = rl.group_size
+            groups = [(len(rounds) - 1, g) for g in range(rl.prompts_per_step)]
+            return groups, r.correct.reshape(rl.prompts_per_step, G)
 
-    kept, stats = filters.collect_informative_groups(sample_fn, rl.prompts_per_step,
-                                                     max_rounds=rl.dynamic_max_rounds, allow_partial=True)
-    if len(kept) < rl.prompts_per_step:
-      # Top up with uninformative groups (zero advantage: no gradient, but fixed shapes).
-      kept_set = set(kept)
-      spare = [(i, g) for i in range(len(rounds)) for g in range(rl.prompts_per_step) if (i, g) not in kept_set]
-      kept = kept + spare[:rl.prompts_per_step - len(kept)]
-    parts = [rounds[i].take_groups([g]) for i, g in kept]
-    stats = {"sampled_groups": stats["sampled_groups"], "rounds": stats["rounds"],
-             "informative_groups": stats["kept_groups"]}
-    return rollout_lib.concat_rollouts(parts), state["cursor"], stats
+        kept, stats = filters.collect_informative_groups(sample_fn, rl.prompts_per_step,
+                                                         max_rounds=rl.dynamic_max_rounds, allow_partial=True)
+        if len(kept) < rl.prompts_per_step:
+            # Top up with uninformative groups (zero advantage: no gradient, but fixed shapes).
+            kept_set = set(kept)
+            spare = [(i, g) for i in range(len(rounds)) for g in range(rl.prompts_per_step) if (i, g) not in kept_set]
+            kept = kept + spare[:rl.prompts_per_step - len(kept)]
+        parts = [rounds[i].take_groups([g]) for i, g in kept]
+        stats = {"sampled_groups": stats["sampled_groups"], "rounds": stats["rounds"],
+                 "informative_groups": stats["kept_groups"]}
+        return rollout_lib.concat_rollouts(parts), state["cursor"], stats
 
 
 @functools.lru_cache(maxsize=16)
 def cached_rl_step(cfg: ModelConfig, rl: trainer_lib.RLConfig, ocfg: opt_lib.OptimizerConfig, prompt_width: int):
-  """One compiled step per (model, RL, optimizer) config: runs in one process (seeds, resumes) share it."""
-  return trainer_lib.make_rl_step(cfg, rl, opt_lib.make_optimizer(ocfg), prompt_width)
+    """One compiled step per (model, RL, optimizer) config: runs in one process (seeds, resumes) share it."""
+    return trainer_lib.make_rl_step(cfg, rl, opt_lib.make_optimizer(ocfg), prompt_width)
 
 
 def _mean(xs):
-  return float(np.mean(xs)) if len(xs) else float("nan")
+    return float(np.mean(xs)) if len(xs) else float("nan")
 
 
 def run_rl(cfg: ModelConfig, rl: trainer_lib.RLConfig, ocfg: opt_lib.OptimizerConfig, lc: LoopConfig,
            workdir: str, tokenizer, *, init_params: Callable[[], Any], stop_at_step: int | None = None,
            log_fn: Callable[[str], None] = logging.info) -> dict[str, Any]:
-  """Runs RL until lc.steps (resuming from the latest checkpoint in workdir/checkpoints).
+    """Runs RL until lc.steps (resuming from the latest checkpoint in workdir/checkpoints).
 
-  init_params: called only when there is no checkpoint (so a resumed run skips the warm start).
-  stop_at_step: return after that step without saving (simulates a hard kill; for tests).
-  Returns {"step", "last_metrics", "resumed_from", "history"}.
-  """
-  rl.validate()
-  lc.validate()
-  ocfg.validate()
-  os.makedirs(workdir, exist_ok=True)
-  tx = opt_lib.make_optimizer(ocfg)
-  schedule = opt_lib.make_schedule(ocfg)
-  use_ref = rl.kl_coef != 0.0
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=lc.keep_checkpoints)
-  run_meta = {"model_config": json.loads(json.dumps(dataclasses.asdict(cfg))),
-              "rl_config": dataclasses.asdict(rl), "optimizer_config": dataclasses.asdict(ocfg),
-              "seed": lc.seed, "data_seed": lc.data_seed, "task": lc.task}
+    init_params: called only when there is no checkpoint (so a resumed run skips the warm start).
+    stop_at_step: return after that step without saving (simulates a hard kill; for tests).
+    Returns {"step", "last_metrics", "resumed_from", "history"}.
+    """
+    rl.validate()
+    lc.validate()
+    ocfg.validate()
+    os.makedirs(workdir, exist_ok=True)
+    tx = opt_lib.make_optimizer(ocfg)
+    schedule = opt_lib.make_schedule(ocfg)
+    use_ref = rl.kl_coef != 0.0
+    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=lc.keep_checkpoints)
+    run_meta = {"model_config": json.loads(json.dumps(dataclasses.asdict(cfg))),
+                "rl_config": dataclasses.asdict(rl), "optimizer_config": dataclasses.asdict(ocfg),
+                "seed": lc.seed, "data_seed": lc.data_seed, "task": lc.task}
 
-  def fresh(params):
-    params = jax.tree.map(jnp.copy, params)  # the step donates the state; keep the caller's arrays alive
-    tree = {"state": TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                                rng=jax.random.PRNGKey(lc.seed), bad_steps=jnp.zeros((), jnp.int32),
-                                first_bad_step=jnp.full((), -1, jnp.int32))}
-    if use_ref:
-      tree["ref_params"] = jax.tree.map(jnp.copy, params)
-    return tree
+    def fresh(params):
+        params = jax.tree.map(jnp.copy, params)  # the step donates the state; keep the caller's arrays alive
+        tree = {"state": TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                                    rng=jax.random.PRNGKey(lc.seed), bad_steps=jnp.zeros((), jnp.int32),
+                                    first_bad_step=jnp.full((), -1, jnp.int32))}
+        if use_ref:
+            tree["ref_params"] = jax.tree.map(jnp.copy, params)
+        return tree
 
-  latest = ckpt.latest_step()
-  if latest is None:
-    tree = fresh(init_params())
-    rl_step, cursor, resumed_from = 0, 0, None
-  else:
-    from m1_jax.model import abstract_params  # pylint: disable=g-import-not-at-top
-    abstract = jax.eval_shape(lambda: fresh(jax.tree.map(jnp.zeros_like, abstract_params(cfg))))
-    tree, meta = ckpt.restore(latest, abstract, expect=run_meta)
-    rl_step, cursor, resumed_from = int(meta["rl_step"]), int(meta["cursor"]), latest
-    log_fn(f"resumed RL from step {latest} in {ckpt.directory}")
+    latest = ckpt.latest_step()
+    if latest is None:
+        tree = fresh(init_params())
+        rl_step, cursor, resumed_from = 0, 0, None
+    else:
+        from m1_jax.model import abstract_params  # pylint: disable=g-import-not-at-top
+        abstract = jax.eval_shape(lambda: fresh(jax.tree.map(jnp.zeros_like, abstract_params(cfg))))
+        tree, meta = ckpt.restore(latest, abstract, expect=run_meta)
+        rl_step, cursor, resumed_from = int(meta["rl_step"]), int(meta["cursor"]), latest
+        log_fn(f"resumed RL from step {latest} in {ckpt.directory}")
 
-  sampler = Sampler(cfg, rl, lc, tokenizer)
-  prompt_width = rl.max_prompt_len
-  step_fn = cached_rl_step(cfg, rl, ocfg, prompt_width)
-  ref_logp_fn = trainer_lib.make_logp_fn(cfg, rl, prompt_width) if use_ref else None
-  evals = eval_examples(lc)
-  writer = metrics_lib.MetricsWriter(workdir, tensorboard=lc.tensorboard)
-  history: list[dict[str, Any]] = []
+    sampler = Sampler(cfg, rl, lc, tokenizer)
+    prompt_width = rl.max_prompt_len
+    step_fn = cached_rl_step(cfg, rl, ocfg, prompt_width)
+    ref_logp_fn = trainer_lib.make_logp_fn(cfg, rl, prompt_width) if use_ref else None
+    evals = eval_examples(lc)
+    writer = metrics_lib.MetricsWriter(workdir, tensorboard=lc.tensorboard)
+    history: list[dict[str, Any]] = []
 
-  def evaluate() -> dict[str, float]:
-    acc = rollout_lib.greedy_accuracy(cfg, tree["state"].params, tokenizer, evals, max_new_tokens=rl.max_new_tokens)
-    return {"heldout_accuracy" if lc.eval_split == "eval" else "eval_accuracy": acc}
+    def evaluate() -> dict[str, float]:
+        acc = rollout_lib.greedy_accuracy(cfg, tree["state"].params, tokenizer, evals, max_new_tokens=rl.max_new_tokens)
+        return {"heldout_accuracy" if lc.eval_split == "eval" else "eval_accuracy": acc}
 
-  def save():
-    ckpt.save(rl_step, tree, dict(run_meta, rl_step=rl_step, cursor=cursor), wait=False)
+    def save():
+        ckpt.save(rl_step, tree, dict(run_meta, rl_step=rl_step, cursor=cursor), wait=False)
 
-  last: dict[str, Any] = {}
-  try:
-    if rl_step == 0 and lc.eval_every:
-      record = evaluate()
-      writer.write(0, record)
-      history.append(dict(record, step=0))
-      log_fn(f"rl step 0: {record}")
-    while rl_step < lc.steps:
-      t0 = time.perf_counter()
-      state: TrainState = tree["state"]
-      rng = jax.random.fold_in(state.rng, rl_step)
-      r, cursor, sample_stats = sampler.sample(state.params, cursor, rng)
-      t_sample = time.perf_counter() - t0
-      ref_logp = None
-      if use_ref:
-        seg, pos = rollout_lib.sequence_layout(r.prompt_lengths, r.prompt_width, r.tokens.shape[1])
-        ref_logp = np.asarray(ref_logp_fn(tree["ref_params"], r.tokens, seg, pos)) * r.response_mask
-      mbs = trainer_lib.minibatches(r, rl, ref_logp)
-      per_mb = []
-      for mb in mbs:
-        state, m = step_fn(state, mb)
-        per_mb.append(m)
-      per_mb = jax.device_get(per_mb)
-      tree["state"] = state
-      rl_step += 1
-      bad = int(jax.device_get(state.bad_steps))
-      first = per_mb[0]
-      record = {
-          "reward": float(np.mean(r.rewards)), "accuracy": float(np.mean(r.correct)),
-          "response_length": float(np.mean(r.lengths)), "finished_fraction": float(np.mean(r.finished)),
-          "prob_corr": float(first["prob_corr"]),  # sampler vs trainer, on-policy minibatch (M1 §3.2)
-          "first_clip_fraction": float(first["clip_fraction"]), "first_approx_kl": float(first["approx_kl"]),
-          "clip_fraction": _mean([m["clip_fraction"] for m in per_mb]),
-          "approx_kl": _mean([m["approx_kl"] for m in per_mb]),
-          "ratio_max": float(np.max([m["ratio_max"] for m in per_mb])),
-          "entropy": _mean([m["entropy"] for m in per_mb]),
-          "policy_loss": _mean([m["policy_loss"] for m in per_mb]),
-          "grad_norm": _mean([m["grad_norm"] for m in per_mb]),
-          "lr": float(schedule(int(state.step) - 1)), "skipped_updates": bad,
-          "sample_time": t_sample, "step_time": time.perf_counter() - t0, **sample_stats}
-      if use_ref:
-        record["kl_ref"] = _mean([m["kl_ref"] for m in per_mb])
-      if lc.eval_every and (rl_step % lc.eval_every == 0 or rl_step == lc.steps):
-        record.update(evaluate())
-      writer.write(rl_step, record)
-      history.append(dict(record, step=rl_step))
-      last = dict(record, step=rl_step)
-      log_fn(f"rl step {rl_step}: reward {record['reward']:.3f} acc {record['accuracy']:.3f} "
-             f"corr {record['prob_corr']:.4f} clip {record['clip_fraction']:.3f} ent {record['entropy']:.3f}"
-             + (f" eval {record.get('heldout_accuracy', record.get('eval_accuracy')):.3f}"
-                if lc.eval_every and rl_step % lc.eval_every == 0 else ""))
-      if stop_at_step is not None and rl_step >= stop_at_step:
-        return {"step": rl_step, "last_metrics": last, "resumed_from": resumed_from, "history": history,
-                "killed": True}
-      if lc.checkpoint_every and rl_step % lc.checkpoint_every == 0:
-        save()
-    if lc.checkpoint_every and (ckpt.latest_step() or 0) != rl_step:
-      save()
-  finally:
-    ckpt.close()
-    writer.close()
-  return {"step": rl_step, "last_metrics": last, "resumed_from": resumed_from, "history": history,
-          "params": tree["state"].params}
+    last: dict[str, Any] = {}
+    try:
+        if rl_step == 0 and lc.eval_every:
+            record = evaluate()
+            writer.write(0, record)
+            history.append(dict(record, step=0))
+            log_fn(f"rl step 0: {record}")
+        while rl_step < lc.steps:
+            t0 = time.perf_counter()
+            state: TrainState = tree["state"]
+            rng = jax.random.fold_in(state.rng, rl_step)
+            r, cursor, sample_stats = sampler.sample(state.params, cursor, rng)
+            t_sample = time.perf_counter() - t0
+            ref_logp = None
+            if use_ref:
+                seg, pos = rollout_lib.sequence_layout(r.prompt_lengths, r.prompt_width, r.tokens.shape[1])
+                ref_logp = np.asarray(ref_logp_fn(tree["ref_params"], r.tokens, seg, pos)) * r.response_mask
+            mbs = trainer_lib.minibatches(r, rl, ref_logp)
+            per_mb = []
+            for mb in mbs:
+                state, m = step_fn(state, mb)
+                per_mb.append(m)
+            per_mb = jax.device_get(per_mb)
+            tree["state"] = state
+            rl_step += 1
+            bad = int(jax.device_get(state.bad_steps))
+            first = per_mb[0]
+            record = {
+                "reward": float(np.mean(r.rewards)), "accuracy": float(np.mean(r.correct)),
+                "response_length": float(np.mean(r.lengths)), "finished_fraction": float(np.mean(r.finished)),
+                "prob_corr": float(first["prob_corr"]),  # sampler vs trainer, on-policy minibatch (M1 §3.2)
+                "first_clip_fraction": float(first["clip_fraction"]), "first_approx_kl": float(first["approx_kl"]),
+                "clip_fraction": _mean([m["clip_fraction"] for m in per_mb]),
+                "approx_kl": _mean([m["approx_kl"] for m in per_mb]),
+                "ratio_max": float(np.max([m["ratio_max"] for m in per_mb])),
+                "entropy": _mean([m["entropy"] for m in per_mb]),
+                "policy_loss": _mean([m["policy_loss"] for m in per_mb]),
+                "grad_norm": _mean([m["grad_norm"] for m in per_mb]),
+                "lr": float(schedule(int(state.step) - 1)), "skipped_updates": bad,
+                "sample_time": t_sample, "step_time": time.perf_counter() - t0, **sample_stats}
+            if use_ref:
+                record["kl_ref"] = _mean([m["kl_ref"] for m in per_mb])
+            if lc.eval_every and (rl_step % lc.eval_every == 0 or rl_step == lc.steps):
+                record.update(evaluate())
+            writer.write(rl_step, record)
+            history.append(dict(record, step=rl_step))
+            last = dict(record, step=rl_step)
+            log_fn(f"rl step {rl_step}: reward {record['reward']:.3f} acc {record['accuracy']:.3f} "
+                   f"corr {record['prob_corr']:.4f} clip {record['clip_fraction']:.3f} ent {record['entropy']:.3f}"
+                   + (f" eval {record.get('heldout_accuracy', record.get('eval_accuracy')):.3f}"
+                      if lc.eval_every and rl_step % lc.eval_every == 0 else ""))
+            if stop_at_step is not None and rl_step >= stop_at_step:
+                return {"step": rl_step, "last_metrics": last, "resumed_from": resumed_from, "history": history,
+                        "killed": True}
+            if lc.checkpoint_every and rl_step % lc.checkpoint_every == 0:
+                save()
+        if lc.checkpoint_every and (ckpt.latest_step() or 0) != rl_step:
+            save()
+    finally:
+        ckpt.close()
+        writer.close()
+    return {"step": rl_step, "last_metrics": last, "resumed_from": resumed_from, "history": history,
+            "params": tree["state"].params}

@@ -30,108 +30,108 @@ from m1_jax.train import step as step_lib
 
 @dataclasses.dataclass(frozen=True)
 class WarmupConfig:
-  task: str = "mod_sum"
-  seed: int = 0
-  max_steps: int = 400
-  batch_size: int = 32
-  seq_len: int = 32
-  learning_rate: float = 3e-3
-  eval_every: int = 10
-  target_accuracy: float = 0.3   # stop once held-out greedy accuracy reaches this
-  num_eval: int = 64
-  max_new_tokens: int = 4
-  heldout_fraction: float = 0.1
-  eval_split: str = "eval"       # "eval" (held-out problems) or "train" (tiny problem spaces like mod_sum)
+    task: str = "mod_sum"
+    seed: int = 0
+    max_steps: int = 400
+    batch_size: int = 32
+    seq_len: int = 32
+    learning_rate: float = 3e-3
+    eval_every: int = 10
+    target_accuracy: float = 0.3   # stop once held-out greedy accuracy reaches this
+    num_eval: int = 64
+    max_new_tokens: int = 4
+    heldout_fraction: float = 0.1
+    eval_split: str = "eval"       # "eval" (held-out problems) or "train" (tiny problem spaces like mod_sum)
 
 
 def sft_batch(tokenizer, examples, seq_len: int) -> dict[str, np.ndarray]:
-  """One unpacked [B, seq_len] teacher-forcing batch (one example per row, right-padded)."""
-  B = len(examples)
-  batch = {"tokens": np.full((B, seq_len), tokenizer.pad_id, np.int32),
-           "targets": np.full((B, seq_len), tokenizer.pad_id, np.int32),
-           "segment_ids": np.zeros((B, seq_len), np.int32), "positions": np.zeros((B, seq_len), np.int32),
-           "loss_mask": np.zeros((B, seq_len), np.float32)}
-  for b, e in enumerate(examples):
-    doc = packing.encode_document(tokenizer, e.prompt, e.solution, mask_prompt=True)
-    n = len(doc)
-    if n > seq_len + 1:
-      raise ValueError(f"SFT example has {n} tokens, more than seq_len + 1 = {seq_len + 1}; raise seq_len")
-    batch["tokens"][b, :n - 1] = doc.tokens[:-1]
-    batch["targets"][b, :n - 1] = doc.tokens[1:]
-    batch["segment_ids"][b, :n - 1] = 1
-    batch["positions"][b, :n - 1] = np.arange(n - 1)
-    batch["loss_mask"][b, :n - 1] = doc.trainable[1:]
-  return batch
+    """One unpacked [B, seq_len] teacher-forcing batch (one example per row, right-padded)."""
+    B = len(examples)
+    batch = {"tokens": np.full((B, seq_len), tokenizer.pad_id, np.int32),
+             "targets": np.full((B, seq_len), tokenizer.pad_id, np.int32),
+             "segment_ids": np.zeros((B, seq_len), np.int32), "positions": np.zeros((B, seq_len), np.int32),
+             "loss_mask": np.zeros((B, seq_len), np.float32)}
+    for b, e in enumerate(examples):
+        doc = packing.encode_document(tokenizer, e.prompt, e.solution, mask_prompt=True)
+        n = len(doc)
+        if n > seq_len + 1:
+            raise ValueError(f"SFT example has {n} tokens, more than seq_len + 1 = {seq_len + 1}; raise seq_len")
+        batch["tokens"][b, :n - 1] = doc.tokens[:-1]
+        batch["targets"][b, :n - 1] = doc.tokens[1:]
+        batch["segment_ids"][b, :n - 1] = 1
+        batch["positions"][b, :n - 1] = np.arange(n - 1)
+        batch["loss_mask"][b, :n - 1] = doc.trainable[1:]
+    return batch
 
 
 def sft_warmup(cfg: ModelConfig, tokenizer, wc: WarmupConfig, *, log_fn: Callable[[str], None] = logging.info):
-  """(params, history) after SFT from a fresh init (seed wc.seed) until held-out accuracy >= target."""
-  ocfg = opt_lib.OptimizerConfig(learning_rate=wc.learning_rate, schedule="constant", warmup_steps=10,
-                                 total_steps=wc.max_steps, weight_decay=0.0)
-  tx = opt_lib.make_optimizer(ocfg)
-  state = state_lib.init_state(cfg, tx, wc.seed)
-  step_fn = step_lib.make_train_step(cfg, tx, opt_lib.make_schedule(ocfg))
-  weights = {wc.task: 1.0}
-  if wc.eval_split == "eval":
-    heldout = sources.heldout_examples(wc.num_eval, seed=wc.seed, task_weights=weights,
-                                       heldout_fraction=wc.heldout_fraction)
-  else:
-    heldout = sources.train_examples(wc.num_eval, seed=wc.seed + 1, task_weights=weights,
-                                     heldout_fraction=wc.heldout_fraction)
-  history = []
-  for step in range(wc.max_steps + 1):
-    if step % wc.eval_every == 0 or step == wc.max_steps:
-      acc = greedy_accuracy(cfg, state.params, tokenizer, heldout, max_new_tokens=wc.max_new_tokens)
-      history.append({"step": step, "heldout_accuracy": acc})
-      log_fn(f"sft warm-up step {step}: {wc.eval_split}-split accuracy {acc:.3f}")
-      if acc >= wc.target_accuracy or step == wc.max_steps:
-        break
-    examples = sources.train_examples(wc.batch_size, seed=wc.seed, start=step * wc.batch_size, task_weights=weights,
-                                      heldout_fraction=wc.heldout_fraction)
-    state, _ = step_fn(state, sft_batch(tokenizer, examples, wc.seq_len))
-  return state.params, history
+    """(params, history) after SFT from a fresh init (seed wc.seed) until held-out accuracy >= target."""
+    ocfg = opt_lib.OptimizerConfig(learning_rate=wc.learning_rate, schedule="constant", warmup_steps=10,
+                                   total_steps=wc.max_steps, weight_decay=0.0)
+    tx = opt_lib.make_optimizer(ocfg)
+    state = state_lib.init_state(cfg, tx, wc.seed)
+    step_fn = step_lib.make_train_step(cfg, tx, opt_lib.make_schedule(ocfg))
+    weights = {wc.task: 1.0}
+    if wc.eval_split == "eval":
+        heldout = sources.heldout_examples(wc.num_eval, seed=wc.seed, task_weights=weights,
+                                           heldout_fraction=wc.heldout_fraction)
+    else:
+        heldout = sources.train_examples(wc.num_eval, seed=wc.seed + 1, task_weights=weights,
+                                         heldout_fraction=wc.heldout_fraction)
+    history = []
+    for step in range(wc.max_steps + 1):
+        if step % wc.eval_every == 0 or step == wc.max_steps:
+            acc = greedy_accuracy(cfg, state.params, tokenizer, heldout, max_new_tokens=wc.max_new_tokens)
+            history.append({"step": step, "heldout_accuracy": acc})
+            log_fn(f"sft warm-up step {step}: {wc.eval_split}-split accuracy {acc:.3f}")
+            if acc >= wc.target_accuracy or step == wc.max_steps:
+                break
+        examples = sources.train_examples(wc.batch_size, seed=wc.seed, start=step * wc.batch_size, task_weights=weights,
+                                          heldout_fraction=wc.heldout_fraction)
+        state, _ = step_fn(state, sft_batch(tokenizer, examples, wc.seq_len))
+    return state.params, history
 
 
 def save_params(directory: str, cfg: ModelConfig, params, meta: dict | None = None) -> None:
-  """A one-step checkpoint {"params": ...} readable by `load_params` (like experiments/train.py's)."""
-  ckpt = ckpt_lib.Checkpointer(directory, max_to_keep=1, async_save=False)
-  ckpt.save(0, {"params": params}, dict(meta or {}, model_config=dataclasses.asdict(cfg)), wait=True)
-  ckpt.close()
+    """A one-step checkpoint {"params": ...} readable by `load_params` (like experiments/train.py's)."""
+    ckpt = ckpt_lib.Checkpointer(directory, max_to_keep=1, async_save=False)
+    ckpt.save(0, {"params": params}, dict(meta or {}, model_config=dataclasses.asdict(cfg)), wait=True)
+    ckpt.close()
 
 
 def load_params(directory: str, cfg: ModelConfig | None = None):
-  """(cfg, params) from the latest checkpoint in `directory`: experiments/train.py's WORKDIR or its
-  checkpoints/ folder, or a `save_params` folder. Only the params are read; cfg defaults to the saved one."""
-  if os.path.isdir(os.path.join(directory, "checkpoints")):
-    directory = os.path.join(directory, "checkpoints")
-  ckpt = ckpt_lib.Checkpointer(directory, max_to_keep=1, async_save=False)
-  step = ckpt.latest_step()
-  if step is None:
-    raise ValueError(f"no checkpoint in {directory}; pass the --workdir of experiments/train.py (or its "
-                     "checkpoints/ folder) or a warm-start folder written by experiments/rl.py")
-  meta = ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  if cfg is None:
-    if "model_config" not in meta:
-      raise ValueError(f"checkpoint {directory}/{step} names no model_config; pass the model config explicitly")
-    cfg = ModelConfig(**meta["model_config"])
-  target_paths, _, treedef, target_leaves = ckpt_lib._leaf_layout(abstract_params(cfg))  # pylint: disable=protected-access
-  saved_paths = meta["leaf_paths"]
-  # TrainState stores params under ".params"; save_params under "['params']".
-  index = {}
-  for i, path in enumerate(saved_paths):
-    for prefix in (".params", "['params']"):
-      if path.startswith(prefix):
-        index[path[len(prefix):]] = i
-  missing = [p for p in target_paths if p not in index]
-  if missing:
-    raise ValueError(f"checkpoint {directory}/{step} lacks params {missing[:3]}... for this model config; it was "
-                     "written for a different model")
-  raw = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-  leaves = []
-  for path, want in zip(target_paths, target_leaves):
-    arr = np.asarray(raw[f"leaf_{index[path]:05d}"])
-    if arr.shape != tuple(want.shape):
-      raise ValueError(f"checkpoint param {path} has shape {arr.shape}, the model wants {tuple(want.shape)}")
-    leaves.append(jax.numpy.asarray(arr, want.dtype))
-  ckpt.close()
-  return cfg, jax.tree_util.tree_unflatten(treedef, leaves)
+    """(cfg, params) from the latest checkpoint in `directory`: experiments/train.py's WORKDIR or its
+    checkpoints/ folder, or a `save_params` folder. Only the params are read; cfg defaults to the saved one."""
+    if os.path.isdir(os.path.join(directory, "checkpoints")):
+        directory = os.path.join(directory, "checkpoints")
+    ckpt = ckpt_lib.Checkpointer(directory, max_to_keep=1, async_save=False)
+    step = ckpt.latest_step()
+    if step is None:
+        raise ValueError(f"no checkpoint in {directory}; pass the --workdir of experiments/train.py (or its "
+                         "checkpoints/ folder) or a warm-start folder written by experiments/rl.py")
+    meta = ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    if cfg is None:
+        if "model_config" not in meta:
+            raise ValueError(f"checkpoint {directory}/{step} names no model_config; pass the model config explicitly")
+        cfg = ModelConfig(**meta["model_config"])
+    target_paths, _, treedef, target_leaves = ckpt_lib._leaf_layout(abstract_params(cfg))  # pylint: disable=protected-access
+    saved_paths = meta["leaf_paths"]
+    # TrainState stores params under ".params"; save_params under "['params']".
+    index = {}
+    for i, path in enumerate(saved_paths):
+        for prefix in (".params", "['params']"):
+            if path.startswith(prefix):
+                index[path[len(prefix):]] = i
+    missing = [p for p in target_paths if p not in index]
+    if missing:
+        raise ValueError(f"checkpoint {directory}/{step} lacks params {missing[:3]}... for this model config; it was "
+                         "written for a different model")
+    raw = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    leaves = []
+    for path, want in zip(target_paths, target_leaves):
+        arr = np.asarray(raw[f"leaf_{index[path]:05d}"])
+        if arr.shape != tuple(want.shape):
+            raise ValueError(f"checkpoint param {path} has shape {arr.shape}, the model wants {tuple(want.shape)}")
+        leaves.append(jax.numpy.asarray(arr, want.dtype))
+    ckpt.close()
+    return cfg, jax.tree_util.tree_unflatten(treedef, leaves)
