@@ -121,8 +121,15 @@ def dry_run(setup, *, groups: int | None = None, print_fn: Callable[[str], None]
     for name, limit in DEVICE_MEMORY:
         fits[name] = peak <= limit
         lines.append(f"  fits {name:<12}                          {'yes' if fits[name] else 'NO'}")
+    if len(depths) == 2:
+        lines.append("  compiled temporaries per compiled depth: " + ", ".join(
+            f"{d} groups {gb(m['temp_size_in_bytes']).strip()}" for d, m in zip(depths, compiled_mem)))
+        if compiled_mem[1]["temp_size_in_bytes"] < compiled_mem[0]["temp_size_in_bytes"]:
+            # XLA's buffer scheduling differs between depths; the slope is then noise, not growth.
+            lines.append("  WARNING: temporaries shrank with depth, so the linear extrapolation is unreliable; "
+                         "rerun with --dry_run_groups=0 (full depth; the scanned groups compile once)")
     for line in lines:
         print_fn(line)
     return {"param_bytes": param_bytes, "opt_bytes": opt_bytes, "grad_bytes": grad_bytes, "compiled": mem,
-            "peak_bytes": peak, "activation_bytes": activations, "fits": fits, "depths": depths,
+            "compiled_per_depth": compiled_mem, "peak_bytes": peak, "activation_bytes": activations, "fits": fits, "depths": depths,
             "compile_seconds": seconds, "lines": lines}
