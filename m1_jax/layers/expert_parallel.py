@@ -44,8 +44,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from m1_jax.config import ModelConfig
-from m1_jax.layers.moe import load_balance_stats, moe_dropless, route_top_k, swiglu
-from m1_jax.layers.partitioning import param
+from m1_jax.layers.moe import load_balance_stats, moe_dropless, moe_params, route_top_k, swiglu
 
 BACKENDS = ("capacity", "ragged")
 
@@ -318,13 +317,9 @@ class ExpertParallelMoE(nn.Module):
     @nn.compact
     def __call__(self, h_BxLxD, token_mask_BxL=None):
         cfg = self.cfg
-        D, E, F = cfg.hidden_size, cfg.num_experts, cfg.expert_dim
-        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        init = nn.initializers.normal(cfg.initializer_range)
-        w_router = param(self, "router", (D, E), ("embed", None), init, jnp.float32)
-        w_gate = param(self, "w_gate", (E, D, F), ("experts", "embed", "expert_mlp"), init, pdtype)
-        w_up = param(self, "w_up", (E, D, F), ("experts", "embed", "expert_mlp"), init, pdtype)
-        w_down = param(self, "w_down", (E, F, D), ("experts", "expert_mlp", "embed"), init, pdtype)
+        D, E = cfg.hidden_size, cfg.num_experts
+        dtype = jnp.dtype(cfg.dtype)
+        w_router, w_gate, w_up, w_down = moe_params(self, cfg)
 
         B, L, _ = h_BxLxD.shape
         h_TxD = h_BxLxD.reshape(B * L, D)

@@ -105,6 +105,20 @@ def moe_dropless(x_TxD, weights_TxK, experts_TxK, w_gate_ExDxF, w_up_ExDxF, w_do
     return out_TxD.astype(x_TxD.dtype)
 
 
+def moe_params(module: nn.Module, cfg: ModelConfig):
+    """Declares (router [D,E], w_gate [E,D,F], w_up [E,D,F], w_down [E,F,D]) on `module`: one layout for
+    every MoE implementation, so checkpoints and shardings do not depend on which one runs."""
+    D, E, F = cfg.hidden_size, cfg.num_experts, cfg.expert_dim
+    pdtype = jnp.dtype(cfg.param_dtype)
+    init = nn.initializers.normal(cfg.initializer_range)
+    # The router stays float32 whatever param_dtype is (the official checkpoint stores it in fp32).
+    w_router = param(module, "router", (D, E), ("embed", None), init, jnp.float32)
+    w_gate = param(module, "w_gate", (E, D, F), ("experts", "embed", "expert_mlp"), init, pdtype)
+    w_up = param(module, "w_up", (E, D, F), ("experts", "embed", "expert_mlp"), init, pdtype)
+    w_down = param(module, "w_down", (E, F, D), ("experts", "expert_mlp", "embed"), init, pdtype)
+    return w_router, w_gate, w_up, w_down
+
+
 class MoE(nn.Module):
     """Router (float32 weights and math) + dropless SwiGLU experts; returns (y, load-balance stats)."""
 
@@ -113,14 +127,9 @@ class MoE(nn.Module):
     @nn.compact
     def __call__(self, h_BxLxD, token_mask_BxL=None):
         cfg = self.cfg
-        D, E, F = cfg.hidden_size, cfg.num_experts, cfg.expert_dim
-        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        init = nn.initializers.normal(cfg.initializer_range)
-        # The router stays float32 whatever param_dtype is (the official checkpoint stores it in fp32).
-        w_router = param(self, "router", (D, E), ("embed", None), init, jnp.float32)
-        w_gate = param(self, "w_gate", (E, D, F), ("experts", "embed", "expert_mlp"), init, pdtype)
-        w_up = param(self, "w_up", (E, D, F), ("experts", "embed", "expert_mlp"), init, pdtype)
-        w_down = param(self, "w_down", (E, F, D), ("experts", "expert_mlp", "embed"), init, pdtype)
+        D = cfg.hidden_size
+        dtype = jnp.dtype(cfg.dtype)
+        w_router, w_gate, w_up, w_down = moe_params(self, cfg)
 
         B, L, _ = h_BxLxD.shape
         h_TxD = h_BxLxD.reshape(B * L, D)
