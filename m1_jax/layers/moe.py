@@ -54,25 +54,101 @@ def _grouped_swiglu_ragged(x_MxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_dow
     return jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down_ExFxD, group_sizes_E)
 
 
-def _grouped_swiglu_tiled(x_MxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, tile: int):
-    M, D = x_MxD.shape
+def _tile_layout(group_sizes_E, M: int, tile: int):
+    """Each expert's rows padded to whole tiles: (dest row of each sorted row, expert of each tile, #used tiles).
+
+    The tile count is a static worst case (every group ending one row into a tile); tiles past the used
+    ones are skipped at run time.
+    """
     E = group_sizes_E.shape[0]
-    tile = max(1, min(tile, M))
     padded_sizes_E = -(-group_sizes_E // tile) * tile
     padded_ends_E = jnp.cumsum(padded_sizes_E)
     ends_E = jnp.cumsum(group_sizes_E)
-    num_tiles = -(-(M + E * (tile - 1)) // tile)  # static worst case over all group-size patterns
+    num_tiles = -(-(M + E * (tile - 1)) // tile)
     row_expert_M = jnp.searchsorted(ends_E, jnp.arange(M), side="right")
     dest_M = (padded_ends_E - padded_sizes_E)[row_expert_M] + jnp.arange(M) - (ends_E - group_sizes_E)[row_expert_M]
+    tile_expert_N = jnp.searchsorted(padded_ends_E, jnp.arange(num_tiles) * tile, side="right")
+    tile_expert_N = jnp.minimum(tile_expert_N, E - 1)
+    return dest_M, tile_expert_N, padded_ends_E[-1] // tile, num_tiles
+
+
+def _tiled_swiglu_loop(x_NxtxD, tile_expert_N, num_used, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD):
+    """One SwiGLU chain per used tile on that tile's expert: (y, gate and up projections); unused tiles are 0."""
+    N, t, _ = x_NxtxD.shape
+    F, D_out = w_down_ExFxD.shape[1:]
+
+    def body(i, carry):
+        y_NxtxD, gate_NxtxF, up_NxtxF = carry
+        e = tile_expert_N[i]
+        gate, up = x_NxtxD[i] @ w_gate_ExDxF[e], x_NxtxD[i] @ w_up_ExDxF[e]
+        y = (jax.nn.silu(gate) * up) @ w_down_ExFxD[e]
+        return y_NxtxD.at[i].set(y), gate_NxtxF.at[i].set(gate), up_NxtxF.at[i].set(up)
+
+    dtype = x_NxtxD.dtype
+    init = (jnp.zeros((N, t, D_out), dtype), jnp.zeros((N, t, F), dtype), jnp.zeros((N, t, F), dtype))
+    return jax.lax.fori_loop(0, num_used, body, init)
+
+
+@jax.custom_vjp
+def _tiled_swiglu(x_NxtxD, tile_expert_N, num_used, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD):
+    return _tiled_swiglu_loop(x_NxtxD, tile_expert_N, num_used, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)[0]
+
+
+def _tiled_swiglu_fwd(x_NxtxD, tile_expert_N, num_used, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD):
+    y, gate, up = _tiled_swiglu_loop(x_NxtxD, tile_expert_N, num_used, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
+    return y, (x_NxtxD, gate, up, tile_expert_N, num_used, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
+
+
+def _tiled_swiglu_bwd(res, dy_NxtxD):
+    # Hand-written: autodiff of the forward loop would add a full [E, D, F] weight gradient per tile. Tiles
+    # are sorted by expert, so an outer scan over experts runs an inner loop over that expert's tiles,
+    # accumulating one [D, F] float32 gradient in the carry; the scan stacks them into [E, D, F]. The saved
+    # gate/up projections are reused, not recomputed.
+    x_NxtxD, gate_NxtxF, up_NxtxF, tile_expert_N, num_used, w_gate, w_up, w_down = res
+    dtype = x_NxtxD.dtype
+    E = w_gate.shape[0]
+    tile_count_E = jnp.bincount(jnp.where(jnp.arange(tile_expert_N.shape[0]) < num_used, tile_expert_N, E),
+                                length=E + 1)[:E]
+    tile_start_E = jnp.cumsum(tile_count_E) - tile_count_E
+    f32_dot = lambda a, b: jnp.dot(a.T, b, preferred_element_type=jnp.float32)
+
+    def one_expert(dx_NxtxD, e):
+        w_gate_e, w_up_e, w_down_e = w_gate[e], w_up[e], w_down[e]
+
+        def one_tile(j, carry):
+            dx_NxtxD, dw_gate, dw_up, dw_down = carry
+            i = tile_start_E[e] + j
+            x, gate, up, dy = x_NxtxD[i], gate_NxtxF[i], up_NxtxF[i], dy_NxtxD[i].astype(dtype)
+            sig = jax.nn.sigmoid(gate)
+            act = gate * sig
+            dh = dy @ w_down_e.T
+            d_up = dh * act
+            d_gate = dh * up * sig * (1 + gate * (1 - sig))  # d silu(g)/dg = sig(g) (1 + g (1 - sig(g)))
+            dx = d_gate @ w_gate_e.T + d_up @ w_up_e.T
+            return (dx_NxtxD.at[i].set(dx), dw_gate + f32_dot(x, d_gate), dw_up + f32_dot(x, d_up),
+                    dw_down + f32_dot(act * up, dy))
+
+        zeros = lambda w: jnp.zeros(w.shape, jnp.float32)
+        dx_NxtxD, dwg, dwu, dwd = jax.lax.fori_loop(
+                0, tile_count_E[e], one_tile, (dx_NxtxD, zeros(w_gate_e), zeros(w_up_e), zeros(w_down_e)))
+        return dx_NxtxD, (dwg.astype(w_gate.dtype), dwu.astype(w_up.dtype), dwd.astype(w_down.dtype))
+
+    dx, (dwg, dwu, dwd) = jax.lax.scan(one_expert, jnp.zeros_like(x_NxtxD), jnp.arange(E))
+    return (dx, None, None, dwg, dwu, dwd)
+
+
+_tiled_swiglu.defvjp(_tiled_swiglu_fwd, _tiled_swiglu_bwd)
+
+
+def _grouped_swiglu_tiled(x_MxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, tile: int):
+    M, D = x_MxD.shape
+    E = group_sizes_E.shape[0]
+    # Small batches get small tiles, so padding each group to a tile boundary does not dominate the work.
+    tile = min(tile, max(8, 1 << max(0, (M // E - 1).bit_length())))
+    dest_M, tile_expert_N, num_used, num_tiles = _tile_layout(group_sizes_E, M, tile)
     x_pad = jnp.zeros((num_tiles * tile, D), x_MxD.dtype).at[dest_M].set(x_MxD)
-    tile_expert = jnp.searchsorted(padded_ends_E, jnp.arange(num_tiles) * tile, side="right")
-    tile_expert = jnp.minimum(tile_expert, E - 1)  # tiles past the last group compute zeros, discarded
-
-    def one_tile(args):
-        x_txD, e = args
-        return swiglu(x_txD, w_gate_ExDxF[e], w_up_ExDxF[e], w_down_ExFxD[e])
-
-    y_pad = jax.lax.map(one_tile, (x_pad.reshape(num_tiles, tile, D), tile_expert))
+    y_pad = _tiled_swiglu(x_pad.reshape(num_tiles, tile, D), tile_expert_N, num_used, w_gate_ExDxF, w_up_ExDxF,
+                          w_down_ExFxD)
     return y_pad.reshape(num_tiles * tile, -1)[dest_M]
 
 
