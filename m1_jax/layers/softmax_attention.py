@@ -1,11 +1,15 @@
 """Causal GQA softmax attention, memory-efficient, in pure JAX.
 
-`blockwise_attention` is a flash-style online softmax: an outer map over query blocks (rematerialised in
-the backward pass) and an inner scan over key blocks that skips blocks above the diagonal. Nothing larger
-than one [block_q, block_kv] score tile per head is live, so memory is O(L) in sequence length.
-tests/test_model.py checks it against a float64 numpy per-head loop.
+`blockwise_attention` is flash attention written with JAX loops: the forward pass runs, per query block,
+a loop over only the key blocks at or before the diagonal with an online softmax, and saves the output and
+the row log-sum-exp; the backward pass (a `custom_vjp`, FlashAttention-2 style) runs per key block a loop
+over the query blocks that see it, recomputing each tile's probabilities from the saved log-sum-exp.
+Nothing larger than one [block_q, block_kv] score tile per head is live, so memory is O(L).
+tests/test_model.py checks the output against a float64 numpy loop and the gradients against autodiff of a
+dense masked softmax.
 """
 
+import functools
 import math
 
 import flax
@@ -17,13 +21,93 @@ from m1_jax.config import ModelConfig
 from m1_jax.layers.partitioning import param
 from m1_jax.layers.rope import apply_rope
 
-_MASKED = -1e30  # finite, so a fully masked tile never produces inf - inf = NaN
+_MASKED = -1e30  # finite, so a fully masked row never produces inf - inf = NaN
 
 
 def _visible(q_pos, kv_pos, q_seg, kv_seg):
     """[..., Lq, Lk] mask: causal by index, same segment (segment 0 is padding and sees nothing else)."""
     causal = kv_pos[..., None, :] <= q_pos[..., :, None]
     return causal & (kv_seg[..., None, :] == q_seg[..., :, None])
+
+
+def _tile_scores(q_BxbxKxGxD, k_BxbxKxD, qi, kj, segq_Bxb, segk_Bxb, bq, bk):
+    """Masked float32 scores [B, K, G, bq, bk] of query block qi against key block kj."""
+    s = jnp.einsum("bqkgd,bskd->bkgqs", q_BxbxKxGxD, k_BxbxKxD, preferred_element_type=jnp.float32)
+    mask_Bxbqxbk = _visible(qi * bq + jnp.arange(bq), kj * bk + jnp.arange(bk), segq_Bxb, segk_Bxb)
+    return jnp.where(mask_Bxbqxbk[:, None, None], s, _MASKED)
+
+
+def _num_kv_blocks(qi, bq, bk, nk):
+    """Key blocks 0 .. n-1 hold every key at or before query block qi's last position."""
+    return jnp.minimum(nk, (qi * bq + bq - 1) // bk + 1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _flash(q_QxBxbxKxGxD, k_NxBxbxKxD, v_NxBxbxKxD, seg_q_QxBxb, seg_k_NxBxb, bq, bk):
+    return _flash_fwd(q_QxBxbxKxGxD, k_NxBxbxKxD, v_NxBxbxKxD, seg_q_QxBxb, seg_k_NxBxb, bq, bk)[0]
+
+
+def _flash_fwd(q_QxBxbxKxGxD, k_NxBxbxKxD, v_NxBxbxKxD, seg_q_QxBxb, seg_k_NxBxb, bq, bk):
+    nk = k_NxBxbxKxD.shape[0]
+    B, _, K, G, D = q_QxBxbxKxGxD.shape[1:]
+
+    def one_query_block(args):
+        qi, q_BxbxKxGxD, segq_Bxb = args
+
+        def kv_step(kj, carry):
+            m_BxKxGxb, l_BxKxGxb, acc_BxKxGxbxD = carry
+            s = _tile_scores(q_BxbxKxGxD, k_NxBxbxKxD[kj], qi, kj, segq_Bxb, seg_k_NxBxb[kj], bq, bk)
+            m_new = jnp.maximum(m_BxKxGxb, s.max(-1))
+            correction = jnp.exp(m_BxKxGxb - m_new)
+            p = jnp.exp(s - m_new[..., None])
+            pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v_NxBxbxKxD.dtype), v_NxBxbxKxD[kj],
+                            preferred_element_type=jnp.float32)
+            return m_new, l_BxKxGxb * correction + p.sum(-1), acc_BxKxGxbxD * correction[..., None] + pv
+
+        init = (jnp.full((B, K, G, bq), -jnp.inf, jnp.float32), jnp.zeros((B, K, G, bq), jnp.float32),
+                jnp.zeros((B, K, G, bq, D), jnp.float32))
+        m, l, acc = jax.lax.fori_loop(0, _num_kv_blocks(qi, bq, bk, nk), kv_step, init)
+        out_BxbxKxGxD = (acc / l[..., None]).transpose(0, 3, 1, 2, 4).astype(q_BxbxKxGxD.dtype)
+        return out_BxbxKxGxD, m + jnp.log(l)
+
+    nq = q_QxBxbxKxGxD.shape[0]
+    out, lse_QxBxKxGxb = jax.lax.map(one_query_block, (jnp.arange(nq), q_QxBxbxKxGxD, seg_q_QxBxb))
+    return out, (q_QxBxbxKxGxD, k_NxBxbxKxD, v_NxBxbxKxD, seg_q_QxBxb, seg_k_NxBxb, out, lse_QxBxKxGxb)
+
+
+def _flash_bwd(bq, bk, res, dout_QxBxbxKxGxD):
+    q, k, v, seg_q, seg_k, out, lse_QxBxKxGxb = res
+    nq, nk = q.shape[0], k.shape[0]
+    # delta_i = sum_d dO_i * O_i: the softmax-Jacobian term of every row, computed once.
+    delta_QxBxKxGxb = jnp.einsum("qbikgd,qbikgd->qbkgi", dout_QxBxbxKxGxD.astype(jnp.float32),
+                                 out.astype(jnp.float32))
+
+    def one_kv_block(dq_QxBxbxKxGxD, kj):
+        k_BxbxKxD, v_BxbxKxD = k[kj], v[kj]
+
+        def q_step(qi, carry):
+            dq, dk_BxbxKxD, dv_BxbxKxD = carry
+            do = dout_QxBxbxKxGxD[qi].astype(v.dtype)
+            s = _tile_scores(q[qi], k_BxbxKxD, qi, kj, seg_q[qi], seg_k[kj], bq, bk)
+            p = jnp.exp(s - lse_QxBxKxGxb[qi][..., None])
+            dv_BxbxKxD = dv_BxbxKxD + jnp.einsum("bkgqs,bqkgd->bskd", p.astype(v.dtype), do,
+                                                 preferred_element_type=jnp.float32)
+            dp = jnp.einsum("bqkgd,bskd->bkgqs", do, v_BxbxKxD, preferred_element_type=jnp.float32)
+            ds = (p * (dp - delta_QxBxKxGxb[qi][..., None])).astype(q.dtype)
+            dq = dq.at[qi].add(jnp.einsum("bkgqs,bskd->bqkgd", ds, k_BxbxKxD, preferred_element_type=jnp.float32))
+            dk_BxbxKxD = dk_BxbxKxD + jnp.einsum("bkgqs,bqkgd->bskd", ds, q[qi], preferred_element_type=jnp.float32)
+            return dq, dk_BxbxKxD, dv_BxbxKxD
+
+        zeros = jnp.zeros(k_BxbxKxD.shape, jnp.float32)
+        first_q = (kj * bk) // bq  # the first query block whose last position reaches this key block
+        dq, dk, dv = jax.lax.fori_loop(first_q, nq, q_step, (dq_QxBxbxKxGxD, zeros, zeros))
+        return dq, (dk.astype(k.dtype), dv.astype(v.dtype))
+
+    dq, (dk, dv) = jax.lax.scan(one_kv_block, jnp.zeros(q.shape, jnp.float32), jnp.arange(nk))
+    return dq.astype(q.dtype), dk, dv, None, None
+
+
+_flash.defvjp(lambda *a: _flash_fwd(*a), _flash_bwd)
 
 
 def blockwise_attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL=None, *, scale,
@@ -44,52 +128,12 @@ def blockwise_attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL=None, *
         seg = jnp.pad(seg, ((0, 0), (0, pad)), constant_values=-1)
     nq, nk = Lp // bq, Lp // bk
     q_QxBxbxKxGxD = q_BxLxHxD.reshape(B, nq, bq, K, G, D).transpose(1, 0, 2, 3, 4, 5)
+    q_QxBxbxKxGxD = q_QxBxbxKxGxD * jnp.asarray(scale, q_QxBxbxKxGxD.dtype)  # scale q once, not every tile
     k_NxBxbxKxD = k_BxLxKxD.reshape(B, nk, bk, K, D).transpose(1, 0, 2, 3, 4)
     v_NxBxbxKxD = v_BxLxKxD.reshape(B, nk, bk, K, D).transpose(1, 0, 2, 3, 4)
     seg_q = seg.reshape(B, nq, bq).transpose(1, 0, 2)
     seg_k = seg.reshape(B, nk, bk).transpose(1, 0, 2)
-
-    has_segments = segment_ids_BxL is not None or Lp != L
-    q_QxBxbxKxGxD = q_QxBxbxKxGxD * jnp.asarray(scale, q_QxBxbxKxGxD.dtype)  # scale q once, not every tile
-
-    @jax.checkpoint
-    def one_query_block(args):
-        qi, q_Bxbx_KxGxD, segq_Bxb = args
-        q_pos = qi * bq + jnp.arange(bq)
-
-        def kv_step(carry, kv_args):
-            kj, k_BxbxKxD, v_BxbxKxD, segk_Bxb = kv_args
-
-            def attend(carry, masked: bool):
-                m_BxKxGxb, l_BxKxGxb, acc_BxKxGxbxD = carry
-                s = jnp.einsum("bqkgd,bskd->bkgqs", q_Bxbx_KxGxD, k_BxbxKxD, preferred_element_type=jnp.float32)
-                if masked:
-                    kv_pos = kj * bk + jnp.arange(bk)
-                    mask_Bxbqxbk = _visible(q_pos, kv_pos, segq_Bxb, segk_Bxb)
-                    s = jnp.where(mask_Bxbqxbk[:, None, None], s, _MASKED)
-                m_new = jnp.maximum(m_BxKxGxb, s.max(-1))
-                correction = jnp.exp(m_BxKxGxb - m_new)
-                p = jnp.exp(s - m_new[..., None])
-                l_new = l_BxKxGxb * correction + p.sum(-1)
-                pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v_BxbxKxD.dtype), v_BxbxKxD,
-                                preferred_element_type=jnp.float32)
-                return m_new, l_new, acc_BxKxGxbxD * correction[..., None] + pv
-
-            # 0: the key block is entirely in this query block's future (skip); 1: entirely in its past
-            # (no causal mask needed unless segments or padding); 2: it straddles the diagonal (mask).
-            future = kj * bk > qi * bq + bq - 1
-            straddles = kj * bk + bk - 1 > qi * bq
-            branch = jnp.where(future, 0, jnp.where(straddles | has_segments, 2, 1))
-            branches = (lambda c: c, lambda c: attend(c, False), lambda c: attend(c, True))
-            return jax.lax.switch(branch, branches, carry), None
-
-        init = (jnp.full((B, K, G, bq), -jnp.inf, jnp.float32), jnp.zeros((B, K, G, bq), jnp.float32),
-                jnp.zeros((B, K, G, bq, D), jnp.float32))
-        (_, l, acc), _ = jax.lax.scan(kv_step, init, (jnp.arange(nk), k_NxBxbxKxD, v_NxBxbxKxD, seg_k))
-        out_BxKxGxbxD = acc / l[..., None]
-        return out_BxKxGxbxD.transpose(0, 3, 1, 2, 4).astype(q_BxLxHxD.dtype)
-
-    out_QxBxbxKxGxD = jax.lax.map(one_query_block, (jnp.arange(nq), q_QxBxbxKxGxD, seg_q))
+    out_QxBxbxKxGxD = _flash(q_QxBxbxKxGxD, k_NxBxbxKxD, v_NxBxbxKxD, seg_q, seg_k, bq, bk)
     out = out_QxBxbxKxGxD.transpose(1, 0, 2, 3, 4, 5).reshape(B, Lp, H, D)
     return out[:, :L]
 
