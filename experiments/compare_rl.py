@@ -1,10 +1,11 @@
 """CISPO vs DAPO vs GRPO from one warm start, several seeds each: eval accuracy against RL steps.
 
-  python experiments/compare_rl.py --workdir=/tmp/compare_rl --steps=20 --seeds=3
-Writes WORKDIR/compare_rl.png and prints a markdown table: accuracy at the end, the first step each run
-reaches --target, and the steps-to-target ratio against CISPO (reported whichever algorithm wins). Each run
-lives in WORKDIR/<algo>_seed<k> and resumes if interrupted; the warm start is WORKDIR/warm_start (or
---init_checkpoint).
+  python experiments/compare_rl.py --workdir=/tmp/compare_rl --steps=40 --seeds=3
+Writes WORKDIR/compare_rl.png (sampled avg@k and greedy accuracy, mean and per seed) and prints a markdown
+table: accuracy at the start and the end, the first eval step each run reaches the target (start accuracy +
+--target_gain, or --target), and each algorithm's mean steps-to-target divided by CISPO's (reported whichever
+algorithm wins). Each run lives in WORKDIR/<algo>_seed<k> and resumes if interrupted; the warm start is
+WORKDIR/warm_start (or --init_checkpoint). All runs share the eval problems and the eval sampling keys.
 """
 
 import os
@@ -19,18 +20,24 @@ flags.DEFINE_string("init_checkpoint", None, "warm start (default: SFT warm-up s
 flags.DEFINE_string("task", "mod_sum", "task")
 flags.DEFINE_list("algos", ["cispo", "dapo", "grpo"], "algorithms")
 flags.DEFINE_integer("seeds", 3, "sampling seeds per algorithm")
-flags.DEFINE_integer("steps", 20, "RL steps per run")
+flags.DEFINE_integer("steps", 40, "RL steps per run")
 flags.DEFINE_integer("group_size", 8, "G")
-flags.DEFINE_integer("prompts_per_step", 8, "prompts per rollout")
-flags.DEFINE_integer("mu", 2, "minibatches per rollout (mu > 1 makes the algorithms differ, rl.md §6.9)")
-flags.DEFINE_float("lr", 3e-3, "learning rate")
+flags.DEFINE_integer("prompts_per_step", 32, "prompts per rollout")
+flags.DEFINE_integer("mu", 4, "minibatches per rollout (mu > 1 makes the algorithms differ, rl.md §6.9)")
+flags.DEFINE_float("lr", 3e-4, "learning rate")
 flags.DEFINE_float("cispo_eps_high", 4.0, "CISPO cap offset (cap = 1 + eps_high)")
 flags.DEFINE_bool("dapo_dynamic_sampling", True, "DAPO with dynamic sampling")
-flags.DEFINE_integer("num_eval", 64, "eval problems")
+flags.DEFINE_integer("num_eval", 128, "eval problems")
+flags.DEFINE_integer("eval_samples", 4, "k of the sampled avg@k eval")
 flags.DEFINE_integer("eval_every", 5, "eval every N steps")
-flags.DEFINE_float("target", 0.5, "eval-accuracy target for steps-to-target")
+flags.DEFINE_enum("metric", "sampled", ["sampled", "greedy"], "accuracy the target and the ratio are computed on")
+flags.DEFINE_float("target", None, "absolute accuracy target (default: start accuracy + --target_gain)")
+flags.DEFINE_float("target_gain", 0.1, "target = accuracy of the warm start + this")
 flags.DEFINE_integer("max_new_tokens", 4, "response budget")
-flags.DEFINE_float("warmup_target", 0.3, "SFT warm-up target accuracy")
+flags.DEFINE_float("warmup_target", 0.3, "SFT warm-up target (sampled accuracy)")
+flags.DEFINE_string("plot", None, "plot path (default WORKDIR/compare_rl.png)")
+
+COLORS = {"cispo": "tab:red", "dapo": "tab:blue", "grpo": "tab:green"}
 
 
 def steps_to_target(steps, accs, target):
@@ -40,18 +47,113 @@ def steps_to_target(steps, accs, target):
     return None
 
 
+def _fmt(x, digits=3):
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def run_all(cfg, warm, tok, split):
+    """Runs every (algo, seed); returns {(algo, seed): {step: record}} of the eval records."""
+    from m1_jax.rl.loop import LoopConfig, run_rl
+    from m1_jax.rl.trainer import RLConfig
+    from m1_jax.train.metrics import read_metrics
+    from m1_jax.train.optimizer import OptimizerConfig
+
+    ocfg = OptimizerConfig(learning_rate=FLAGS.lr, schedule="constant", warmup_steps=0,
+                           total_steps=FLAGS.steps * FLAGS.mu, weight_decay=0.0)
+    runs = {}
+    for algo in FLAGS.algos:
+        extra = {"eps_high": FLAGS.cispo_eps_high} if algo == "cispo" else {}
+        if algo == "dapo":
+            extra["dynamic_sampling"] = FLAGS.dapo_dynamic_sampling
+        rl = RLConfig(algo=algo, group_size=FLAGS.group_size, prompts_per_step=FLAGS.prompts_per_step, mu=FLAGS.mu,
+                      max_new_tokens=FLAGS.max_new_tokens, **extra)
+        for seed in range(FLAGS.seeds):
+            lc = LoopConfig(task=FLAGS.task, steps=FLAGS.steps, seed=seed, eval_split=split, num_eval=FLAGS.num_eval,
+                            eval_samples=FLAGS.eval_samples, eval_every=FLAGS.eval_every,
+                            checkpoint_every=FLAGS.eval_every)
+            wd = os.path.join(FLAGS.workdir, f"{algo}_seed{seed}")
+            t0 = time.time()
+            run_rl(cfg, rl, ocfg, lc, wd, tok, init_params=lambda: warm, log_fn=lambda s: None)
+            recs = {r["step"]: r for r in read_metrics(wd)}
+            runs[(algo, seed)] = {s: r for s, r in sorted(recs.items()) if any(k.endswith("_accuracy") and
+                                                                                k != "accuracy" for k in r)}
+            key = f"{'eval' if split == 'train' else 'heldout'}_sampled_accuracy"
+            print(f"{algo} seed {seed}: {key} " + " ".join(f"{s}:{r.get(key, float('nan')):.2f}"
+                                                           for s, r in runs[(algo, seed)].items()) +
+                  f"  ({time.time() - t0:.0f}s)", flush=True)
+    return runs
+
+
+def curves(runs, algo, key):
+    """(steps, accs [seeds, evals]) of one metric key."""
+    per_seed = [runs[(algo, s)] for s in range(FLAGS.seeds)]
+    steps = sorted(set.intersection(*(set(r) for r in per_seed)))
+    return steps, np.array([[r[s][key] for s in steps] for r in per_seed])
+
+
+def plot(runs, prefix, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
+    for ax, kind in zip(axes, ("sampled", "greedy")):
+        key = f"{prefix}_sampled_accuracy" if kind == "sampled" else f"{prefix}_accuracy"
+        for algo in FLAGS.algos:
+            steps, accs = curves(runs, algo, key)
+            for run in accs:
+                ax.plot(steps, run, color=COLORS.get(algo), alpha=0.25)
+            ax.plot(steps, accs.mean(0), color=COLORS.get(algo), label=algo, lw=2)
+        ax.set_xlabel("RL step")
+        label = f"avg@{FLAGS.eval_samples} at T=1" if kind == "sampled" else "greedy"
+        ax.set_ylabel(f"{prefix} accuracy ({label}, {FLAGS.num_eval} problems)")
+        ax.legend()
+    fig.suptitle(f"{FLAGS.task}: {FLAGS.seeds} seeds each, {FLAGS.prompts_per_step} prompts x G={FLAGS.group_size}, "
+                 f"mu={FLAGS.mu}, lr {FLAGS.lr:g}")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def table(runs, prefix):
+    main_key = f"{prefix}_sampled_accuracy" if FLAGS.metric == "sampled" else f"{prefix}_accuracy"
+    start = float(np.mean([runs[(a, s)][0][main_key] for a in FLAGS.algos for s in range(FLAGS.seeds)]))
+    target = FLAGS.target if FLAGS.target is not None else start + FLAGS.target_gain
+    rows, hits_by_algo = [], {}
+    for algo in FLAGS.algos:
+        steps, main = curves(runs, algo, main_key)
+        hits = [steps_to_target(steps, run, target) for run in main]
+        reached = [h for h in hits if h is not None]
+        hits_by_algo[algo] = float(np.mean(reached)) if reached else None
+        row = {"algo": algo, "hits": hits, "reached": len(reached)}
+        for name, key in (("sampled", f"{prefix}_sampled_accuracy"), ("greedy", f"{prefix}_accuracy"),
+                          ("heldout_sampled", "heldout_sampled_accuracy")):
+            if key in runs[(algo, 0)][0]:
+                _, accs = curves(runs, algo, key)
+                row[name] = (accs[:, 0].mean(), accs[:, -1].mean(), accs[:, -1].std())
+        rows.append(row)
+    last = max(curves(runs, FLAGS.algos[0], main_key)[0])
+    print(f"target: {FLAGS.metric} {prefix} accuracy >= {target:.3f}; final step {last}\n")
+    cols = [c for c in ("sampled", "greedy", "heldout_sampled") if c in rows[0]]
+    header = "| algo | " + " | ".join(f"{prefix if c != 'heldout_sampled' else 'held-out'} "
+                                       f"{c.replace('heldout_', '')} start | end (mean ± std)" for c in cols)
+    print(header + " | seeds reaching target | steps to target (per seed) | mean steps / CISPO's |")
+    print("|---" * (2 + 2 * len(cols) + 2) + "|")
+    cispo = hits_by_algo.get("cispo")
+    for row in rows:
+        hit = hits_by_algo[row["algo"]]
+        ratio = f"{hit / cispo:.2f}" if hit is not None and cispo else "n/a"
+        cells = " | ".join(f"{row[c][0]:.3f} | {row[c][1]:.3f} ± {row[c][2]:.3f}" for c in cols)
+        per_seed = ", ".join("never" if h is None else str(h) for h in row["hits"])
+        print(f"| {row['algo']} | {cells} | {row['reached']}/{FLAGS.seeds} | {per_seed} | {ratio} |")
+
+
 def main(argv):
     del argv
     import jax
     from m1_jax.config import get_config
     from m1_jax.data import load_tokenizer
     from m1_jax.rl import warmup as warmup_lib
-    from m1_jax.rl.loop import LoopConfig, run_rl
-    from m1_jax.rl.trainer import RLConfig
-    from m1_jax.train.metrics import read_metrics
-    from m1_jax.train.optimizer import OptimizerConfig
 
     jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "m1_jax_xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     t_start = time.time()
     tok = load_tokenizer("byte")
     split = "train" if FLAGS.task == "mod_sum" else "eval"
@@ -64,66 +166,16 @@ def main(argv):
             warm = warmup_lib.load_params(warm_dir, cfg)[1]
         else:
             wc = warmup_lib.WarmupConfig(task=FLAGS.task, max_steps=800, target_accuracy=FLAGS.warmup_target,
-                                         eval_every=25, max_new_tokens=FLAGS.max_new_tokens, eval_split=split)
+                                         eval_every=25, max_new_tokens=FLAGS.max_new_tokens, eval_split=split,
+                                         eval_samples=FLAGS.eval_samples)
             warm, _ = warmup_lib.sft_warmup(cfg, tok, wc, log_fn=print)
             warmup_lib.save_params(warm_dir, cfg, warm)
-    ocfg = OptimizerConfig(learning_rate=FLAGS.lr, schedule="constant", warmup_steps=0, total_steps=FLAGS.steps * FLAGS.mu,
-                           weight_decay=0.0)
-    metric = "heldout_accuracy" if split == "eval" else "eval_accuracy"
-    curves = {}
-    for algo in FLAGS.algos:
-        extra = {"eps_high": FLAGS.cispo_eps_high} if algo == "cispo" else {}
-        if algo == "dapo":
-            extra["dynamic_sampling"] = FLAGS.dapo_dynamic_sampling
-        rl = RLConfig(algo=algo, group_size=FLAGS.group_size, prompts_per_step=FLAGS.prompts_per_step, mu=FLAGS.mu,
-                      max_new_tokens=FLAGS.max_new_tokens, **extra)
-        for seed in range(FLAGS.seeds):
-            lc = LoopConfig(task=FLAGS.task, steps=FLAGS.steps, seed=seed, eval_split=split, num_eval=FLAGS.num_eval,
-                            eval_every=FLAGS.eval_every, checkpoint_every=FLAGS.eval_every)
-            wd = os.path.join(FLAGS.workdir, f"{algo}_seed{seed}")
-            t0 = time.time()
-            run_rl(cfg, rl, ocfg, lc, wd, tok, init_params=lambda: warm, log_fn=lambda s: None)
-            recs = {r["step"]: r for r in read_metrics(wd)}
-            pts = sorted((s, r[metric]) for s, r in recs.items() if metric in r)
-            curves[(algo, seed)] = pts
-            print(f"{algo} seed {seed}: {metric} " + " ".join(f"{s}:{a:.2f}" for s, a in pts) +
-                  f"  ({time.time() - t0:.0f}s)", flush=True)
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    colors = {"cispo": "tab:red", "dapo": "tab:blue", "grpo": "tab:green"}
-    rows = []
-    cispo_steps = None
-    for algo in FLAGS.algos:
-        runs = [curves[(algo, s)] for s in range(FLAGS.seeds)]
-        steps = [s for s, _ in runs[0]]
-        accs = np.array([[a for _, a in run] for run in runs])
-        for run in accs:
-            ax.plot(steps, run, color=colors.get(algo), alpha=0.25)
-        ax.plot(steps, accs.mean(0), color=colors.get(algo), label=algo, lw=2)
-        hits = [steps_to_target(steps, run, FLAGS.target) for run in accs]
-        reached = [h for h in hits if h is not None]
-        mean_hit = float(np.mean(reached)) if reached else None
-        if algo == "cispo":
-            cispo_steps = mean_hit
-        rows.append((algo, accs[:, 0].mean(), accs[:, -1].mean(), accs[:, -1].std(), len(reached), mean_hit))
-    ax.axhline(FLAGS.target, color="gray", ls=":")
-    ax.set_xlabel("RL step")
-    ax.set_ylabel(f"{metric} (greedy, {FLAGS.num_eval} problems)")
-    ax.set_title(f"{FLAGS.task}: {FLAGS.seeds} seeds, {FLAGS.prompts_per_step}x{FLAGS.group_size}, mu={FLAGS.mu}")
-    ax.legend()
-    png = os.path.join(FLAGS.workdir, "compare_rl.png")
-    fig.savefig(png, dpi=120, bbox_inches="tight")
-    print(f"\nplot: {png}; wall time {time.time() - t_start:.0f}s\n")
-    print(f"| algo | {metric} start | end (mean ± std) | seeds reaching {FLAGS.target} | mean steps to target | "
-          "steps / CISPO's |")
-    print("|---|---|---|---|---|---|")
-    for algo, start, end, std, n, hit in rows:
-        ratio = f"{hit / cispo_steps:.2f}" if hit is not None and cispo_steps else "n/a"
-        print(f"| {algo} | {start:.3f} | {end:.3f} ± {std:.3f} | {n}/{FLAGS.seeds} | "
-              f"{'never' if hit is None else f'{hit:.1f}'} | {ratio} |")
+    runs = run_all(cfg, warm, tok, split)
+    prefix = "eval" if split == "train" else "heldout"
+    path = FLAGS.plot or os.path.join(FLAGS.workdir, "compare_rl.png")
+    plot(runs, prefix, path)
+    print(f"\nplot: {path}; wall time {time.time() - t_start:.0f}s\n")
+    table(runs, prefix)
 
 
 if __name__ == "__main__":

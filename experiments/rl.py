@@ -5,7 +5,11 @@
 With no --init_checkpoint it first runs its own SFT warm-up (fixed seed, stopped at --warmup_target accuracy)
 and saves it to WORKDIR/warm_start. Rerunning the same command resumes from the latest checkpoint in
 --workdir. Metrics (reward, accuracy, response length, clip fraction, entropy, sampler/trainer probability
-correlation, eval accuracy) go to WORKDIR/metrics.jsonl.
+correlation, eval accuracy greedy and sampled avg@k) go to WORKDIR/metrics.jsonl.
+
+With no flags (task mod_sum, tiny model) it takes about 5 minutes on a 2-core CPU: about 3 minutes of SFT
+warm-up to a sampled accuracy of 0.3, then 40 CISPO steps. For mod_sum (100 problems) the eval set is fresh
+draws of the training problems, and the 12 held-out problems are scored too (reported as heldout_*).
 """
 
 import os
@@ -23,12 +27,12 @@ flags.DEFINE_string("init_checkpoint", None, "SFT checkpoint (experiments/train.
 flags.DEFINE_string("model", "tiny", "model preset (used when no --init_checkpoint names one)")
 flags.DEFINE_string("dtype", None, "override the compute dtype (e.g. bfloat16 for the FP32-head diagnostic)")
 flags.DEFINE_bool("fp32_lm_head", True, "LM head matmul in float32 (M1 §3.2)")
-flags.DEFINE_integer("steps", 60, "RL steps (rollouts)")
+flags.DEFINE_integer("steps", 40, "RL steps (rollouts)")
 flags.DEFINE_integer("group_size", 8, "responses per prompt (G)")
 flags.DEFINE_integer("prompts_per_step", 32, "prompts per rollout")
 flags.DEFINE_integer("mu", 4, "minibatches (optimizer updates) per rollout")
 flags.DEFINE_integer("micro_batches", 1, "gradient-accumulation slices per minibatch")
-flags.DEFINE_float("lr", 1e-3, "AdamW learning rate (b1 0.9, b2 0.95, eps 1e-15)")
+flags.DEFINE_float("lr", 3e-4, "AdamW learning rate (b1 0.9, b2 0.95, eps 1e-15); 1e-3 is noisier on mod_sum")
 flags.DEFINE_float("clip_norm", 1.0, "global gradient-norm clip")
 flags.DEFINE_float("eps_low", None, "lower clip offset (default per algo: cispo none, dapo 0.2, grpo 0.2)")
 flags.DEFINE_float("eps_high", None, "upper clip offset (default per algo: cispo 4.0, dapo 0.28, grpo 0.2)")
@@ -46,11 +50,14 @@ flags.DEFINE_integer("seed", 0, "sampling seed")
 flags.DEFINE_integer("data_seed", 0, "problem seed (train prompts and eval set)")
 flags.DEFINE_enum("eval_split", "auto", ["auto", "eval", "train"], "eval problems: held-out split, or fresh "
                   "train-split draws; auto = train for mod_sum (100 problems in all), else eval")
-flags.DEFINE_integer("num_eval", 64, "eval problems (greedy decoding)")
-flags.DEFINE_integer("eval_every", 10, "eval every N RL steps")
+flags.DEFINE_integer("num_eval", 128, "eval problems")
+flags.DEFINE_integer("eval_samples", 4, "k of the sampled avg@k eval at --temperature (0: greedy eval only)")
+flags.DEFINE_integer("eval_every", 5, "eval every N RL steps")
 flags.DEFINE_integer("checkpoint_every", 10, "checkpoint every N RL steps (0: only at the end)")
 flags.DEFINE_integer("warmup_max_steps", 800, "SFT warm-up step limit")
 flags.DEFINE_float("warmup_target", 0.3, "SFT warm-up stops at this eval accuracy")
+flags.DEFINE_enum("warmup_target_metric", "sampled", ["sampled", "greedy"], "accuracy the warm-up target is on: "
+                  "sampled avg@k at --temperature (the reward RL sees) or greedy")
 flags.DEFINE_float("warmup_lr", 3e-3, "SFT warm-up learning rate")
 flags.DEFINE_string("compilation_cache", os.path.join(os.path.expanduser("~"), ".cache", "m1_jax_xla"),
                     "persistent XLA compilation cache directory ('' turns it off)")
@@ -78,7 +85,7 @@ def build_configs(cfg):
                            total_steps=FLAGS.steps * FLAGS.mu, weight_decay=0.0, clip_norm=FLAGS.clip_norm)
     lc = LoopConfig(task=FLAGS.task, steps=FLAGS.steps, seed=FLAGS.seed, data_seed=FLAGS.data_seed,
                     eval_split=eval_split(FLAGS.task, FLAGS.eval_split), num_eval=FLAGS.num_eval,
-                    eval_every=FLAGS.eval_every, checkpoint_every=FLAGS.checkpoint_every)
+                    eval_samples=FLAGS.eval_samples, eval_every=FLAGS.eval_every, checkpoint_every=FLAGS.checkpoint_every)
     rl.validate()
     ocfg.validate()
     lc.validate()
@@ -95,7 +102,7 @@ def main(argv):
     from m1_jax.data import load_tokenizer
     from m1_jax.data.tasks import TASKS
     from m1_jax.rl import warmup as warmup_lib
-    from m1_jax.rl.loop import run_rl
+    from m1_jax.rl.loop import format_eval, run_rl
 
     if FLAGS.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache)
@@ -124,7 +131,9 @@ def main(argv):
             wc = warmup_lib.WarmupConfig(task=FLAGS.task, seed=FLAGS.data_seed, max_steps=FLAGS.warmup_max_steps,
                                          learning_rate=FLAGS.warmup_lr, target_accuracy=FLAGS.warmup_target,
                                          max_new_tokens=FLAGS.max_new_tokens, num_eval=FLAGS.num_eval,
-                                         eval_split=eval_split(FLAGS.task, FLAGS.eval_split), eval_every=25)
+                                         eval_split=eval_split(FLAGS.task, FLAGS.eval_split), eval_every=25,
+                                         target_metric=FLAGS.warmup_target_metric,
+                                         eval_samples=max(FLAGS.eval_samples, 1), temperature=FLAGS.temperature)
             params, _ = warmup_lib.sft_warmup(cfg, tokenizer, wc, log_fn=print)
             warmup_lib.save_params(warm_dir, cfg, params)
             return params
@@ -137,7 +146,10 @@ def main(argv):
     result = run_rl(cfg, rl, ocfg, lc, FLAGS.workdir, tokenizer, init_params=init, log_fn=print)
     m = result["last_metrics"]
     print(f"done at step {result['step']}: " + ", ".join(f"{k}={m[k]:.4g}" for k in
-          ("reward", "accuracy", "heldout_accuracy", "eval_accuracy", "prob_corr", "entropy") if k in m), flush=True)
+          ("reward", "accuracy", "prob_corr", "entropy") if k in m), flush=True)
+    first = next((h for h in result["history"] if h["step"] == 0), None)
+    if first is not None and m:
+        print(f"eval at step 0: {format_eval(first)}\neval at step {result['step']}: {format_eval(m)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -216,8 +216,8 @@ def _loop_configs(workdir_steps=4):
     rl = trainer_lib.RLConfig(algo="cispo", group_size=4, prompts_per_step=4, mu=2, max_new_tokens=3, max_prompt_len=14,
                               dynamic_sampling=True, dynamic_max_rounds=2)
     ocfg = opt_lib.OptimizerConfig(learning_rate=3e-3, schedule="constant", warmup_steps=0, weight_decay=0.0)
-    lc = loop_lib.LoopConfig(task="mod_sum", steps=workdir_steps, eval_split="train", num_eval=8, eval_every=2,
-                             checkpoint_every=2)
+    lc = loop_lib.LoopConfig(task="mod_sum", steps=workdir_steps, eval_split="train", num_eval=8, eval_samples=2,
+                             eval_every=2, checkpoint_every=2)
     return rl, ocfg, lc
 
 
@@ -226,7 +226,7 @@ def format_params():
     """A few SFT steps: the model answers with one digit then EOS (about chance accuracy, so groups vary)."""
     cfg = CFG.replace(initializer_range=0.02)
     wc = WarmupConfig(task="mod_sum", max_steps=40, batch_size=16, seq_len=16, eval_every=40, target_accuracy=1.1,
-                      num_eval=8, max_new_tokens=3, eval_split="train")
+                      num_eval=8, max_new_tokens=3, eval_split="train", target_metric="greedy")
     return sft_warmup(cfg, TOK, wc, log_fn=lambda s: None)[0]
 
 
@@ -237,6 +237,19 @@ def _records(workdir):
             rec = json.loads(line)
             by_step[rec["step"]] = rec  # a re-run step after a kill overwrites its first record
     return by_step
+
+
+def test_sampled_accuracy_at_low_temperature_equals_greedy(format_params):
+    """avg@k at a near-zero temperature is greedy accuracy (the sampled eval scores what it samples)."""
+    cfg = CFG  # initializer_range only matters at init; the same config shares compiles with the loop tests
+    examples = _examples(8)
+    greedy = rollout_lib.greedy_accuracy(cfg, format_params, TOK, examples, max_new_tokens=3)
+    sampled = rollout_lib.sampled_accuracy(cfg, format_params, TOK, examples, samples=2, max_new_tokens=3,
+                                           temperature=1e-4, rng=jax.random.key(0))
+    assert sampled == greedy
+    with pytest.raises(ValueError, match="temperature > 0"):
+        rollout_lib.sampled_accuracy(cfg, format_params, TOK, examples, samples=2, max_new_tokens=3, temperature=0.0,
+                                     rng=jax.random.key(0))
 
 
 def test_resume_reproduces_uninterrupted_run(format_params, tmp_path):
@@ -262,15 +275,24 @@ def test_resume_reproduces_uninterrupted_run(format_params, tmp_path):
 
 @pytest.mark.slow
 def test_cispo_raises_mod_sum_reward(tmp_path):
-    """Tiny model, SFT warm start at >= 20% accuracy, 40 CISPO steps: the sampled reward rises by >= 0.15."""
-    cfg = get_config("tiny")
-    wc = WarmupConfig(task="mod_sum", max_steps=800, target_accuracy=0.2, eval_every=25, max_new_tokens=4,
-                      eval_split="train")
-    warm, _ = sft_warmup(cfg, TOK, wc, log_fn=lambda s: None)
-    rl = trainer_lib.RLConfig(algo="cispo", group_size=8, prompts_per_step=16, mu=4, max_new_tokens=4)
-    ocfg = opt_lib.OptimizerConfig(learning_rate=1e-3, schedule="constant", warmup_steps=0, weight_decay=0.0)
-    lc = loop_lib.LoopConfig(task="mod_sum", steps=40, eval_split="train", eval_every=40, checkpoint_every=0)
+    """experiments/rl.py's defaults (about 5 minutes): SFT warm start at sampled accuracy >= 0.3, then 40 CISPO
+    steps raise the sampled train reward (last 10 steps against the first 10) and the sampled eval accuracy.
+
+    Measured once (2-core CPU): reward 0.386 -> 0.469, eval avg@4 0.346 -> 0.424. A flipped advantage sign or a
+    loss on the wrong tokens makes both fall; lr 1e-3 collapses the policy (see WORKSPACE.md 6.9).
+    """
+    cfg = get_config("tiny", fp32_lm_head=True)
+    wc = WarmupConfig(task="mod_sum", max_steps=800, target_accuracy=0.3, eval_every=25, max_new_tokens=4,
+                      num_eval=128, eval_split="train")
+    warm, hist = sft_warmup(cfg, TOK, wc, log_fn=lambda s: None)
+    assert hist[-1]["sampled_accuracy"] >= 0.3, hist[-1]
+    rl = trainer_lib.RLConfig(algo="cispo", group_size=8, prompts_per_step=32, mu=4, max_new_tokens=4)
+    ocfg = opt_lib.OptimizerConfig(learning_rate=3e-4, schedule="constant", warmup_steps=0, weight_decay=0.0)
+    lc = loop_lib.LoopConfig(task="mod_sum", steps=40, eval_split="train", num_eval=128, eval_samples=4,
+                             eval_every=40, checkpoint_every=0)
     out = loop_lib.run_rl(cfg, rl, ocfg, lc, str(tmp_path), TOK, init_params=lambda: warm, log_fn=lambda s: None)
     rewards = [h["reward"] for h in out["history"] if "reward" in h]
-    assert np.mean(rewards[-5:]) >= np.mean(rewards[:5]) + 0.15, rewards
     assert all(np.isfinite(rewards))
+    assert np.mean(rewards[-10:]) >= np.mean(rewards[:10]) + 0.04, rewards
+    evals = {h["step"]: h["eval_sampled_accuracy"] for h in out["history"] if "eval_sampled_accuracy" in h}
+    assert evals[40] >= evals[0] + 0.03, evals

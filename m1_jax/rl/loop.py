@@ -38,6 +38,8 @@ class LoopConfig:
     heldout_fraction: float = 0.1
     eval_split: str = "eval"       # "eval" (held-out problems) or "train" (for tiny problem spaces)
     num_eval: int = 64
+    eval_samples: int = 4          # avg@k: k sampled completions per eval problem at the rollout temperature
+    report_heldout: bool = True    # with eval_split="train", also score the held-out split (generalisation)
     eval_every: int = 10
     checkpoint_every: int = 20
     keep_checkpoints: int = 2
@@ -48,13 +50,15 @@ class LoopConfig:
             raise ValueError(f"eval_split must be one of {sorted(sources.SPLITS)}, got {self.eval_split!r}")
         if self.steps < 1 or self.num_eval < 1:
             raise ValueError(f"steps ({self.steps}) and num_eval ({self.num_eval}) must be >= 1")
+        if self.eval_samples < 0:
+            raise ValueError(f"eval_samples must be >= 0 (0: greedy accuracy only), got {self.eval_samples}")
         if self.eval_every < 0 or self.checkpoint_every < 0:
             raise ValueError("eval_every and checkpoint_every must be >= 0 (0 turns them off)")
 
 
-def eval_examples(lc: LoopConfig):
+def eval_examples(lc: LoopConfig, split: str | None = None):
     weights = {lc.task: 1.0}
-    if lc.eval_split == "eval":
+    if (split or lc.eval_split) == "eval":
         return sources.heldout_examples(lc.num_eval, seed=lc.data_seed, task_weights=weights,
                                         heldout_fraction=lc.heldout_fraction)
     # A fixed block far from the prompts RL trains on (those start at index 0).
@@ -118,6 +122,21 @@ def cached_rl_step(cfg: ModelConfig, rl: trainer_lib.RLConfig, ocfg: opt_lib.Opt
     return trainer_lib.make_rl_step(cfg, rl, opt_lib.make_optimizer(ocfg), prompt_width)
 
 
+_EVAL_KEY = 20250613  # eval sampling keys, independent of the run's sampling seed
+
+
+def format_eval(record: dict[str, Any]) -> str:
+    """ "eval greedy 0.31 sampled 0.27 | heldout greedy ..." for the keys present."""
+    parts = []
+    for prefix in ("eval", "heldout"):
+        if f"{prefix}_accuracy" in record:
+            text = f"{prefix} greedy {record[f'{prefix}_accuracy']:.3f}"
+            if f"{prefix}_sampled_accuracy" in record:
+                text += f" sampled {record[f'{prefix}_sampled_accuracy']:.3f}"
+            parts.append(text)
+    return " | ".join(parts)
+
+
 def _mean(xs):
     return float(np.mean(xs)) if len(xs) else float("nan")
 
@@ -167,13 +186,27 @@ def run_rl(cfg: ModelConfig, rl: trainer_lib.RLConfig, ocfg: opt_lib.OptimizerCo
     prompt_width = rl.max_prompt_len
     step_fn = cached_rl_step(cfg, rl, ocfg, prompt_width)
     ref_logp_fn = trainer_lib.make_logp_fn(cfg, rl, prompt_width) if use_ref else None
-    evals = eval_examples(lc)
+    eval_sets = {"heldout" if lc.eval_split == "eval" else "eval": eval_examples(lc)}
+    if lc.report_heldout and lc.eval_split == "train":
+        eval_sets["heldout"] = eval_examples(lc, "eval")
     writer = metrics_lib.MetricsWriter(workdir, tensorboard=lc.tensorboard)
     history: list[dict[str, Any]] = []
 
     def evaluate() -> dict[str, float]:
-        acc = rollout_lib.greedy_accuracy(cfg, tree["state"].params, tokenizer, evals, max_new_tokens=rl.max_new_tokens)
-        return {"heldout_accuracy" if lc.eval_split == "eval" else "eval_accuracy": acc}
+        """Greedy accuracy and, at the rollout temperature, avg@k (the quantity RL raises directly)."""
+        params = tree["state"].params
+        record = {}
+        for i, (prefix, examples) in enumerate(eval_sets.items()):
+            record[f"{prefix}_accuracy"] = rollout_lib.greedy_accuracy(cfg, params, tokenizer, examples,
+                                                                       max_new_tokens=rl.max_new_tokens)
+            if lc.eval_samples:
+                # Common random numbers: every run (algorithm, seed) draws its eval samples with the same
+                # keys at the same step, so differences between runs are less noisy.
+                key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(_EVAL_KEY + lc.data_seed), rl_step), i)
+                record[f"{prefix}_sampled_accuracy"] = rollout_lib.sampled_accuracy(
+                    cfg, params, tokenizer, examples, samples=lc.eval_samples, max_new_tokens=rl.max_new_tokens,
+                    temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k, rng=key)
+        return record
 
     def save():
         ckpt.save(rl_step, tree, dict(run_meta, rl_step=rl_step, cursor=cursor), wait=False)
@@ -184,7 +217,7 @@ def run_rl(cfg: ModelConfig, rl: trainer_lib.RLConfig, ocfg: opt_lib.OptimizerCo
             record = evaluate()
             writer.write(0, record)
             history.append(dict(record, step=0))
-            log_fn(f"rl step 0: {record}")
+            log_fn(f"rl step 0: {format_eval(record)}")
         while rl_step < lc.steps:
             t0 = time.perf_counter()
             state: TrainState = tree["state"]
@@ -227,8 +260,7 @@ def run_rl(cfg: ModelConfig, rl: trainer_lib.RLConfig, ocfg: opt_lib.OptimizerCo
             last = dict(record, step=rl_step)
             log_fn(f"rl step {rl_step}: reward {record['reward']:.3f} acc {record['accuracy']:.3f} "
                    f"corr {record['prob_corr']:.4f} clip {record['clip_fraction']:.3f} ent {record['entropy']:.3f}"
-                   + (f" eval {record.get('heldout_accuracy', record.get('eval_accuracy')):.3f}"
-                      if lc.eval_every and rl_step % lc.eval_every == 0 else ""))
+                   + (f" | {format_eval(record)}" if "heldout_accuracy" in record or "eval_accuracy" in record else ""))
             if stop_at_step is not None and rl_step >= stop_at_step:
                 return {"step": rl_step, "last_metrics": last, "resumed_from": resumed_from, "history": history,
                         "killed": True}

@@ -173,3 +173,24 @@ def greedy_accuracy(cfg: ModelConfig, params, tokenizer, examples: Sequence[task
                              np.asarray(out.finished))
     correct, _ = score_completions(examples, texts)
     return float(np.mean(correct))
+
+
+def sampled_accuracy(cfg: ModelConfig, params, tokenizer, examples: Sequence[tasks_lib.Example], *, samples: int,
+                     max_new_tokens: int, temperature: float, rng, top_p: float = 1.0, top_k: int = 0) -> float:
+    """avg@k: the mean verifier score of `samples` completions per example at the rollout temperature.
+
+    RL sharpens the sampling distribution; the M1 report measures it this way (avg@k at temperature 1), and
+    greedy accuracy can stay flat while the policy's expected reward rises.
+    """
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    if not temperature > 0:
+        raise ValueError(f"sampled accuracy needs temperature > 0, got {temperature}; use greedy_accuracy")
+    prompts = [encode_prompt(tokenizer, e) for e in examples for _ in range(samples)]
+    out = jax.device_get(generate(cfg, params, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                                  top_p=top_p, top_k=top_k, rng=rng, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id))
+    N = out.logprobs.shape[1]
+    texts = completion_texts(tokenizer, np.asarray(out.tokens)[:, -N:], np.asarray(out.lengths),
+                             np.asarray(out.finished))
+    correct, _ = score_completions([e for e in examples for _ in range(samples)], texts)
+    return float(np.mean(correct))
