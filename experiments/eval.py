@@ -88,8 +88,8 @@ def main(argv):
 
     results = {"step": int(step)}
     batches = loop.eval_batches(config, setup, _BATCHES.value)
-    results.update(loop.heldout_loss(step_lib.make_eval_step(cfg, setup.mesh), params, batches,
-                                     sharding_lib.batch_sharding(setup.mesh)))
+    eval_step = step_lib.make_eval_step(cfg, setup.mesh, loss_chunk_size=setup.loss_chunk_size)
+    results.update(loop.heldout_loss(eval_step, params, batches, sharding_lib.batch_sharding(setup.mesh)))
     if config.data.source == "builtin":
         weights = None if config.data.task_weights is None else dict(config.data.task_weights)
         examples = heldout_examples(_NUM.value, seed=int(config.train.seed), task_weights=weights,

@@ -34,12 +34,15 @@ class MiniMaxM1(nn.Module):
     segment_ids (packing; 0 = padding) keep documents apart; positions default to 0..L-1.
     With `cache` (from `init_cache`), L > 1 prefills an empty cache and L == 1 decodes one token;
     aux["cache"] is the updated cache.
+    `return_hidden=True` returns the final-normed hidden states [B, L, D] (compute dtype) instead of the
+    logits; `lm_head_logits(cfg, h, lm_head_weight(cfg, params))` turns them into the same logits.
     """
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens_BxL, segment_ids_BxL=None, positions_BxL=None, cache=None):
+    def __call__(self, tokens_BxL, segment_ids_BxL=None, positions_BxL=None, cache=None,
+                 return_hidden: bool = False):
         cfg = self.cfg
         if not isinstance(tokens_BxL, jax.core.Tracer):
             check_tokens(cfg, tokens_BxL)
@@ -71,20 +74,33 @@ class MiniMaxM1(nn.Module):
         h = rms_norm(x, w_norm, cfg.rms_norm_eps)
         if cfg.tie_word_embeddings:
             head_DxV = embed_VxD.T
-        else:
+        else:  # declared even with return_hidden, so any call creates the same params
             head_DxV = param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), init, pdtype)
-        if cfg.fp32_lm_head:
-            # The matmul itself in float32 (casting bf16 logits afterwards does not fix the mismatch).
-            logits = jnp.dot(h.astype(jnp.float32), head_DxV.astype(jnp.float32),
-                             precision=jax.lax.Precision.HIGHEST)
-        else:
-            logits = jnp.dot(h, head_DxV.astype(dtype), preferred_element_type=jnp.float32)
-        logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
         aux = {"moe_aux_loss": aux_loss_from_stats(*stats),
                "expert_counts": counts_GxPxE.reshape(cfg.num_layers, cfg.num_experts)}
         if cache is not None:
             aux["cache"] = new_cache
+        if return_hidden:
+            # The loss applies the head itself, chunk by chunk (m1_jax/train/loss.py), so that full
+            # [B, L, V] float32 logits never exist.
+            return h, aux
+        logits = lm_head_logits(cfg, h, head_DxV)
+        logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
         return logits, aux
+
+
+def lm_head_weight(cfg: ModelConfig, params):
+    """The [D, V] LM head weight from the model's params (the embedding transposed when tied)."""
+    return params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+
+
+def lm_head_logits(cfg: ModelConfig, h_BxLxD, head_DxV):
+    """float32 logits of final hidden states; the one LM head matmul (the model and the chunked loss)."""
+    if cfg.fp32_lm_head:
+        # The matmul itself in float32 (casting bf16 logits afterwards does not fix the mismatch).
+        return jnp.dot(h_BxLxD.astype(jnp.float32), head_DxV.astype(jnp.float32),
+                       precision=jax.lax.Precision.HIGHEST)
+    return jnp.dot(h_BxLxD, head_DxV.astype(h_BxLxD.dtype), preferred_element_type=jnp.float32)
 
 
 def _first(cache):

@@ -73,10 +73,14 @@ def test_train_py_dry_run_rejects_bad_mesh_before_compiling():
 
 @pytest.mark.slow
 def test_full_m1_dry_run_fits():
-    """python experiments/train.py --config=experiments/configs/minimax_m1.py --mesh=8x64 --dry_run"""
+    """python experiments/train.py --config=experiments/configs/minimax_m1.py --mesh=8x64 --dry_run --dry_run_groups=0
+
+    Full depth: the 1-and-2-group extrapolation of the default is unreliable here (its temporaries shrink
+    with depth), and the scanned groups compile in about the same time."""
     cmd = [sys.executable, os.path.join(REPO, "experiments", "train.py"),
-           "--config=" + os.path.join(REPO, "experiments", "configs", "minimax_m1.py"), "--mesh=8x64", "--dry_run"]
+           "--config=" + os.path.join(REPO, "experiments", "configs", "minimax_m1.py"), "--mesh=8x64", "--dry_run",
+           "--dry_run_groups=0"]
     res = subprocess.run(cmd, capture_output=True, text=True, env=_env_without_fake_devices(), timeout=3600)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "over 512 cpu devices" in res.stdout
+    assert "over 512 cpu devices" in res.stdout and "compiled the full depth (10 layer groups)" in res.stdout
     assert "fits H100 80GB" in res.stdout and "NO" not in res.stdout

@@ -90,16 +90,21 @@ def _dense_attention(q, k, v, seg, scale):
     return jnp.einsum("bhqs,bshd->bqhd", p, v, precision="highest")
 
 
-@pytest.mark.parametrize("L, bq, bk", [(37, 8, 16), (40, 16, 8), (64, 16, 16)])
-def test_blockwise_attention_gradients_against_dense(L, bq, bk):
+@pytest.mark.parametrize("L, bq, bk, segments", [(37, 8, 16, True), (40, 16, 8, True), (64, 16, 16, True),
+                                                  (64, 16, 8, False), (64, 8, 16, False)])
+def test_blockwise_attention_gradients_against_dense(L, bq, bk, segments):
+    """Outputs and gradients; without segments and padding, interior tiles take the unmasked path."""
     rng = RNG(100 + L)
     B, H, K, D = 2, 4, 2, 8
     q, k, v = (jnp.asarray(rng.standard_normal((B, L, n, D)), jnp.float32) for n in (H, K, K))
-    seg = jnp.asarray(np.sort(rng.integers(1, 4, (B, L)), axis=1))
+    seg = jnp.asarray(np.sort(rng.integers(1, 4, (B, L)), axis=1)) if segments else jnp.ones((B, L), jnp.int32)
     w = jnp.asarray(rng.standard_normal((B, L, H, D)), jnp.float32)  # a random cotangent
-    blockwise = lambda q, k, v: jnp.sum(w * blockwise_attention(q, k, v, seg, scale=D ** -0.5, block_q=bq,
-                                                                 block_kv=bk))
+    attend = lambda q, k, v: blockwise_attention(q, k, v, seg if segments else None, scale=D ** -0.5, block_q=bq,
+                                                 block_kv=bk)
+    blockwise = lambda q, k, v: jnp.sum(w * attend(q, k, v))
     dense = lambda q, k, v: jnp.sum(w * _dense_attention(q, k, v, seg, D ** -0.5))
+    np.testing.assert_allclose(np.asarray(attend(q, k, v)), np.asarray(_dense_attention(q, k, v, seg, D ** -0.5)),
+                               rtol=1e-5, atol=1e-5)
     got = jax.grad(blockwise, argnums=(0, 1, 2))(q, k, v)
     want = jax.grad(dense, argnums=(0, 1, 2))(q, k, v)
     for g, r in zip(got, want):

@@ -32,6 +32,8 @@ def get_config():
     c.optimizer.min_lr_ratio = 0.1
     c.train.steps = 100_000
     c.train.grad_accum_steps = 1   # micro-batch 512 = one 8192-token row per device on 8x64
+    # LM head + cross-entropy 1024 positions at a time: [1024, 200064] float32 logits per device, not [8192, ...].
+    c.train.loss_chunk_size = 1024
     c.train.log_every = 10
     c.train.eval_every = 1000
     c.train.checkpoint_every = 500

@@ -42,6 +42,7 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
     c.train.steps = 300
     c.train.seed = 0
     c.train.grad_accum_steps = 1
+    c.train.loss_chunk_size = 1024  # LM head + cross-entropy over this many positions at a time
     c.train.log_every = 10
     c.train.eval_every = 100
     c.train.eval_batches = 4

@@ -30,11 +30,21 @@ def _visible(q_pos, kv_pos, q_seg, kv_seg):
     return causal & (kv_seg[..., None, :] == q_seg[..., :, None])
 
 
-def _tile_scores(q_BxbxKxGxD, k_BxbxKxD, qi, kj, segq_Bxb, segk_Bxb, bq, bk):
-    """Masked float32 scores [B, K, G, bq, bk] of query block qi against key block kj."""
+def _tile_scores(q_BxbxKxGxD, k_BxbxKxD, qi, kj, segq_Bxb, segk_Bxb, bq, bk, mask_all):
+    """Masked float32 scores [B, K, G, bq, bk] of query block qi against key block kj.
+
+    Without segments or padding (mask_all False) only tiles that straddle the diagonal need the mask; the
+    others skip it, which is most of the elementwise work at long lengths.
+    """
     s = jnp.einsum("bqkgd,bskd->bkgqs", q_BxbxKxGxD, k_BxbxKxD, preferred_element_type=jnp.float32)
-    mask_Bxbqxbk = _visible(qi * bq + jnp.arange(bq), kj * bk + jnp.arange(bk), segq_Bxb, segk_Bxb)
-    return jnp.where(mask_Bxbqxbk[:, None, None], s, _MASKED)
+
+    def masked(s):
+        mask_Bxbqxbk = _visible(qi * bq + jnp.arange(bq), kj * bk + jnp.arange(bk), segq_Bxb, segk_Bxb)
+        return jnp.where(mask_Bxbqxbk[:, None, None], s, _MASKED)
+
+    if mask_all:
+        return masked(s)
+    return jax.lax.cond(kj * bk + bk - 1 > qi * bq, masked, lambda s: s, s)
 
 
 def _num_kv_blocks(qi, bq, bk, nk):
@@ -42,12 +52,12 @@ def _num_kv_blocks(qi, bq, bk, nk):
     return jnp.minimum(nk, (qi * bq + bq - 1) // bk + 1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _flash(q_QxBxbxKxGxD, k_NxBxbxKxD, v_NxBxbxKxD, seg_q_QxBxb, seg_k_NxBxb, bq, bk):
-    return _flash_fwd(q_QxBxbxKxGxD, k_NxBxbxKxD, v_NxBxbxKxD, seg_q_QxBxb, seg_k_NxBxb, bq, bk)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _flash(q_QxBxbxKxGxD, k_NxBxbxKxD, v_NxBxbxKxD, seg_q_QxBxb, seg_k_NxBxb, bq, bk, mask_all):
+    return _flash_fwd(q_QxBxbxKxGxD, k_NxBxbxKxD, v_NxBxbxKxD, seg_q_QxBxb, seg_k_NxBxb, bq, bk, mask_all)[0]
 
 
-def _flash_fwd(q_QxBxbxKxGxD, k_NxBxbxKxD, v_NxBxbxKxD, seg_q_QxBxb, seg_k_NxBxb, bq, bk):
+def _flash_fwd(q_QxBxbxKxGxD, k_NxBxbxKxD, v_NxBxbxKxD, seg_q_QxBxb, seg_k_NxBxb, bq, bk, mask_all):
     nk = k_NxBxbxKxD.shape[0]
     B, _, K, G, D = q_QxBxbxKxGxD.shape[1:]
 
@@ -56,7 +66,7 @@ def _flash_fwd(q_QxBxbxKxGxD, k_NxBxbxKxD, v_NxBxbxKxD, seg_q_QxBxb, seg_k_NxBxb
 
         def kv_step(kj, carry):
             m_BxKxGxb, l_BxKxGxb, acc_BxKxGxbxD = carry
-            s = _tile_scores(q_BxbxKxGxD, k_NxBxbxKxD[kj], qi, kj, segq_Bxb, seg_k_NxBxb[kj], bq, bk)
+            s = _tile_scores(q_BxbxKxGxD, k_NxBxbxKxD[kj], qi, kj, segq_Bxb, seg_k_NxBxb[kj], bq, bk, mask_all)
             m_new = jnp.maximum(m_BxKxGxb, s.max(-1))
             correction = jnp.exp(m_BxKxGxb - m_new)
             p = jnp.exp(s - m_new[..., None])
@@ -75,7 +85,7 @@ def _flash_fwd(q_QxBxbxKxGxD, k_NxBxbxKxD, v_NxBxbxKxD, seg_q_QxBxb, seg_k_NxBxb
     return out, (q_QxBxbxKxGxD, k_NxBxbxKxD, v_NxBxbxKxD, seg_q_QxBxb, seg_k_NxBxb, out, lse_QxBxKxGxb)
 
 
-def _flash_bwd(bq, bk, res, dout_QxBxbxKxGxD):
+def _flash_bwd(bq, bk, mask_all, res, dout_QxBxbxKxGxD):
     q, k, v, seg_q, seg_k, out, lse_QxBxKxGxb = res
     nq, nk = q.shape[0], k.shape[0]
     # delta_i = sum_d dO_i * O_i: the softmax-Jacobian term of every row, computed once.
@@ -88,7 +98,7 @@ def _flash_bwd(bq, bk, res, dout_QxBxbxKxGxD):
         def q_step(qi, carry):
             dq, dk_BxbxKxD, dv_BxbxKxD = carry
             do = dout_QxBxbxKxGxD[qi].astype(v.dtype)
-            s = _tile_scores(q[qi], k_BxbxKxD, qi, kj, seg_q[qi], seg_k[kj], bq, bk)
+            s = _tile_scores(q[qi], k_BxbxKxD, qi, kj, seg_q[qi], seg_k[kj], bq, bk, mask_all)
             p = jnp.exp(s - lse_QxBxKxGxb[qi][..., None])
             dv_BxbxKxD = dv_BxbxKxD + jnp.einsum("bkgqs,bqkgd->bskd", p.astype(v.dtype), do,
                                                  preferred_element_type=jnp.float32)
@@ -133,7 +143,8 @@ def blockwise_attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL=None, *
     v_NxBxbxKxD = v_BxLxKxD.reshape(B, nk, bk, K, D).transpose(1, 0, 2, 3, 4)
     seg_q = seg.reshape(B, nq, bq).transpose(1, 0, 2)
     seg_k = seg.reshape(B, nk, bk).transpose(1, 0, 2)
-    out_QxBxbxKxGxD = _flash(q_QxBxbxKxGxD, k_NxBxbxKxD, v_NxBxbxKxD, seg_q, seg_k, bq, bk)
+    mask_all = segment_ids_BxL is not None or Lp != L  # else only diagonal tiles need the causal mask
+    out_QxBxbxKxGxD = _flash(q_QxBxbxKxGxD, k_NxBxbxKxD, v_NxBxbxKxD, seg_q, seg_k, bq, bk, mask_all)
     out = out_QxBxbxKxGxD.transpose(1, 0, 2, 3, 4, 5).reshape(B, Lp, H, D)
     return out[:, :L]
 

@@ -3,7 +3,8 @@
 Nothing is allocated or executed: the state comes from `jax.eval_shape` of its init, the step is
 `jit(step, in_shardings, out_shardings).lower(abstract args).compile()`. Per-device bytes come from
 two places: the shardings' shard shapes (exact for params and optimizer state of the full model) and
-`compiled.memory_analysis()` (what XLA plans to allocate: arguments, outputs, temporaries).
+`compiled.memory_analysis()` (what XLA plans to allocate: arguments, outputs, temporaries). On the fake
+CPU devices it compiles with XLA:CPU's memory-optimised scheduler (see `_compiler_options`).
 
 Reduced depth: compiling 80 layers for 512 fake CPU devices is slow on a small machine, so `groups=g`
 compiles g and g+1 layer groups with the exact per-layer shapes and extrapolates every compiled number
@@ -43,16 +44,30 @@ def _abstract(shapes, shardings):
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
-def compile_step(cfg: ModelConfig, tx, schedule, mesh, batch_size: int, seq_len: int, accum: int):
+def compile_step(cfg: ModelConfig, tx, schedule, mesh, batch_size: int, seq_len: int, accum: int,
+                 loss_chunk_size: int = step_lib.DEFAULT_CHUNK_SIZE):
     """Lowers and compiles the sharded train step on abstract inputs; returns (compiled, seconds)."""
     shardings = state_lib.state_shardings(cfg, tx, mesh)
     state = _abstract(state_lib.abstract_state(cfg, tx), shardings)
     bsh = sharding_lib.batch_sharding(mesh)
     batch = {k: jax.ShapeDtypeStruct((batch_size, seq_len), dt, sharding=bsh) for k, dt in _BATCH_DTYPES.items()}
-    step = step_lib.make_train_step(cfg, tx, schedule, grad_accum_steps=accum, mesh=mesh, state_shardings=shardings)
+    step = step_lib.make_train_step(cfg, tx, schedule, grad_accum_steps=accum, mesh=mesh, state_shardings=shardings,
+                                    loss_chunk_size=loss_chunk_size)
     start = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
+    compiled = step.lower(state, batch).compile(compiler_options=_compiler_options(mesh))
     return compiled, time.perf_counter() - start
+
+
+def _compiler_options(mesh) -> dict[str, str] | None:
+    """XLA:CPU compiles a program with collectives under its concurrency-optimised scheduler, whose buffer
+    assignment lets every mutually unordered chain be live at once: in the backward pass of a layer group
+    the recomputations of all its rematerialised layers then count together (+47 GB/device at M1 scale).
+    XLA:CPU also strips jax.checkpoint's optimisation barriers before scheduling; XLA:GPU keeps them until
+    after. The dry run only models memory and never executes, so on CPU it asks for XLA:CPU's
+    memory-optimised sequential schedule, the kind an accelerator compiles."""
+    if mesh.devices.flat[0].platform != "cpu":
+        return None
+    return {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
 
 
 def _memory(compiled) -> dict[str, float]:
@@ -82,7 +97,7 @@ def dry_run(setup, *, groups: int | None = None, print_fn: Callable[[str], None]
     compiled_mem, seconds = [], 0.0
     for g in depths:
         compiled, secs = compile_step(reduced_depth(full, g), tx, schedule, mesh, setup.batch_size,
-                                      setup.seq_len, setup.grad_accum_steps)
+                                      setup.seq_len, setup.grad_accum_steps, setup.loss_chunk_size)
         compiled_mem.append(_memory(compiled))
         seconds += secs
     if len(depths) == 1:
@@ -101,10 +116,13 @@ def dry_run(setup, *, groups: int | None = None, print_fn: Callable[[str], None]
     how = (f"compiled the full depth ({G} layer groups)" if len(depths) == 1 else
            f"compiled {depths[0]} and {depths[1]} of {G} layer groups (exact per-layer shapes) and extrapolated "
            "the compiled numbers linearly to the full depth")
+    if _compiler_options(mesh):
+        how += "; XLA:CPU memory-optimised scheduler"
     lines = [
         f"dry run: {full.num_layers} layers, {n_params / 1e9:.1f}B params ({full.param_dtype} params and "
         f"moments, {full.dtype} compute); mesh {dict(mesh.shape)} over {n_dev} {platform} devices",
-        f"global batch {setup.batch_size} x {setup.seq_len} tokens, grad_accum_steps {setup.grad_accum_steps}; "
+        f"global batch {setup.batch_size} x {setup.seq_len} tokens, grad_accum_steps {setup.grad_accum_steps}, "
+        f"loss_chunk_size {setup.loss_chunk_size}; "
         f"{how}; compile {seconds:.0f} s",
         "per-device GB (1 GB = 1e9 bytes)",
         f"  params (shard shapes)                      {gb(param_bytes)}",

@@ -25,6 +25,7 @@ from m1_jax.config import ModelConfig
 from m1_jax.data import load_tokenizer, make_train_iterator
 from m1_jax.model import abstract_params
 from m1_jax.train import checkpoint as ckpt_lib
+from m1_jax.train import loss as loss_lib
 from m1_jax.train import metrics as metrics_lib
 from m1_jax.train import optimizer as opt_lib
 from m1_jax.train import state as state_lib
@@ -41,6 +42,7 @@ class Setup:
     batch_size: int
     seq_len: int
     grad_accum_steps: int
+    loss_chunk_size: int = loss_lib.DEFAULT_CHUNK_SIZE
 
 
 def model_config_from(config) -> ModelConfig:
@@ -60,6 +62,9 @@ def build_setup(config, mesh_spec: str | None = None, devices=None) -> Setup:
     for name in ("checkpoint_every", "eval_every", "eval_batches"):
         if int(t[name]) < 0:
             raise ValueError(f"train.{name} must be >= 0 (0 turns it off), got {t[name]}")
+    chunk = int(t.get("loss_chunk_size", loss_lib.DEFAULT_CHUNK_SIZE))
+    if chunk < 1:
+        raise ValueError(f"train.loss_chunk_size must be >= 1, got {chunk}")
     opt_fields = dict(config.optimizer)
     if not opt_fields.get("total_steps"):
         opt_fields["total_steps"] = int(t.steps)  # the schedule spans the run unless set explicitly
@@ -83,7 +88,7 @@ def build_setup(config, mesh_spec: str | None = None, devices=None) -> Setup:
     if tokenizer.vocab_size > model.vocab_size:
         raise ValueError(f"tokenizer {tokenizer!r} has {tokenizer.vocab_size} ids but model.vocab_size is "
                          f"{model.vocab_size}; set --config.model.vocab_size>={tokenizer.vocab_size}")
-    return Setup(model, optimizer, mesh, tokenizer, batch, int(d.seq_len), accum)
+    return Setup(model, optimizer, mesh, tokenizer, batch, int(d.seq_len), accum, chunk)
 
 
 def _iterator(config, setup: Setup, split: str):
@@ -193,8 +198,8 @@ def train(config, workdir: str, mesh_spec: str | None = None, *, devices=None, s
         log_fn(f"resumed from step {latest} in {ckpt.directory}")
 
     step_fn = step_lib.make_train_step(cfg, tx, schedule, grad_accum_steps=setup.grad_accum_steps, mesh=mesh,
-                                       state_shardings=shardings)
-    eval_step = step_lib.make_eval_step(cfg, mesh)
+                                       state_shardings=shardings, loss_chunk_size=setup.loss_chunk_size)
+    eval_step = step_lib.make_eval_step(cfg, mesh, loss_chunk_size=setup.loss_chunk_size)
     held_out = eval_batches(config, setup, int(t.eval_batches)) if t.eval_every and t.eval_batches else []
     writer = metrics_lib.MetricsWriter(workdir, tensorboard=bool(t.tensorboard))
     flops_per_token, flops_source = metrics_lib.train_flops_per_token(cfg, setup.seq_len)

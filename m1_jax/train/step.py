@@ -3,6 +3,8 @@
 Loss = sum over target tokens of cross-entropy / number of target tokens in the *whole* batch, plus
 router_aux_loss_coef * mean over micro-batches of the MoE load-balancing loss. Dividing every
 micro-batch by the whole batch's token count makes accumulated gradients equal the full-batch gradient.
+The model returns its final hidden states and the LM head + cross-entropy run over `loss_chunk_size`
+positions at a time (m1_jax/train/loss.py), so [B, L, V] float32 logits are never materialised.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import optax
 
 from m1_jax import sharding as sharding_lib
 from m1_jax.config import ModelConfig
-from m1_jax.model import MiniMaxM1
+from m1_jax.model import MiniMaxM1, lm_head_weight
+from m1_jax.train.loss import DEFAULT_CHUNK_SIZE, chunked_cross_entropy
 from m1_jax.train.state import TrainState
 
 BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
@@ -28,10 +31,11 @@ def token_cross_entropy(logits_BxLxV, targets_BxL):
     return optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV.astype(jnp.float32), targets_BxL)
 
 
-def _forward(cfg: ModelConfig, params, batch, rng=None):
+def _forward_hidden(cfg: ModelConfig, params, batch, rng=None):
+    """(final-normed hidden states [B, L, D], aux) of the model on a batch."""
     rngs = None if rng is None or cfg.router_jitter_noise == 0 else {"jitter": rng}
     return MiniMaxM1(cfg).apply({"params": params}, batch["tokens"], segment_ids_BxL=batch["segment_ids"],
-                                positions_BxL=batch["positions"], rngs=rngs)
+                                positions_BxL=batch["positions"], rngs=rngs, return_hidden=True)
 
 
 def _split_micro(x_BxL, accum: int):
@@ -52,7 +56,8 @@ def mesh_context(mesh):
 
 
 def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, schedule: Callable,
-                    *, grad_accum_steps: int = 1, mesh=None, state_shardings=None):
+                    *, grad_accum_steps: int = 1, mesh=None, state_shardings=None,
+                    loss_chunk_size: int = DEFAULT_CHUNK_SIZE):
     """`state, metrics = step(state, batch)`; jitted with the state donated. Batch arrays are [B, L].
 
     With mesh and state_shardings the jit gets explicit in/out shardings (state as given, batch split
@@ -69,8 +74,9 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, s
         return jax.lax.with_sharding_constraint(tree, state_shardings.params)
 
     def micro_loss(params, micro, rng, total_tokens):
-        logits, aux = _forward(cfg, params, micro, rng)
-        ce = token_cross_entropy(logits, micro["targets"])
+        h, aux = _forward_hidden(cfg, params, micro, rng)
+        ce = chunked_cross_entropy(cfg, h, lm_head_weight(cfg, params), micro["targets"],
+                                   chunk_size=loss_chunk_size)
         ce_sum = jnp.sum(ce * micro["loss_mask"])
         loss = ce_sum / total_tokens + coef * aux["moe_aux_loss"] / accum
         return loss, (ce_sum, aux["moe_aux_loss"], aux["expert_counts"])
@@ -138,15 +144,16 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, s
     return run
 
 
-def make_eval_step(cfg: ModelConfig, mesh=None):
+def make_eval_step(cfg: ModelConfig, mesh=None, *, loss_chunk_size: int = DEFAULT_CHUNK_SIZE):
     """`ce_sum, num_tokens, argmax_correct = eval_step(params, batch)` (sums over loss_mask tokens)."""
 
     @jax.jit
     def step(params, batch):
-        logits, _ = _forward(cfg, params, batch)
-        ce = token_cross_entropy(logits, batch["targets"])
+        h, _ = _forward_hidden(cfg, params, batch)
+        ce, argmax = chunked_cross_entropy(cfg, h, lm_head_weight(cfg, params), batch["targets"],
+                                           chunk_size=loss_chunk_size, with_argmax=True)
         mask = batch["loss_mask"]
-        correct = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32)
+        correct = (argmax == batch["targets"]).astype(jnp.float32)
         return jnp.sum(ce * mask), jnp.sum(mask), correct * mask
 
     def run(params, batch):
