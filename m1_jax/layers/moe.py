@@ -55,7 +55,8 @@ def _grouped_swiglu_ragged(x_MxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_dow
 
 
 def _tile_layout(group_sizes_E, M: int, tile: int):
-    """Each expert's rows padded to whole tiles: (dest row of each sorted row, expert of each tile, #used tiles).
+    """Each expert's rows padded to whole tiles: (dest row of each sorted row, expert of each tile, tiles per
+    expert, static tile count).
 
     The tile count is a static worst case (every group ending one row into a tile); tiles past the used
     ones are skipped at run time.
@@ -69,10 +70,10 @@ def _tile_layout(group_sizes_E, M: int, tile: int):
     dest_M = (padded_ends_E - padded_sizes_E)[row_expert_M] + jnp.arange(M) - (ends_E - group_sizes_E)[row_expert_M]
     tile_expert_N = jnp.searchsorted(padded_ends_E, jnp.arange(num_tiles) * tile, side="right")
     tile_expert_N = jnp.minimum(tile_expert_N, E - 1)
-    return dest_M, tile_expert_N, padded_ends_E[-1] // tile, num_tiles
+    return dest_M, tile_expert_N, padded_sizes_E // tile, num_tiles
 
 
-def _tiled_swiglu_loop(x_NxtxD, tile_expert_N, num_used, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD):
+def _tiled_swiglu_loop(x_NxtxD, tile_expert_N, tile_count_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD):
     """One SwiGLU chain per used tile on that tile's expert: (y, gate and up projections); unused tiles are 0."""
     N, t, _ = x_NxtxD.shape
     F, D_out = w_down_ExFxD.shape[1:]
@@ -86,17 +87,17 @@ def _tiled_swiglu_loop(x_NxtxD, tile_expert_N, num_used, w_gate_ExDxF, w_up_ExDx
 
     dtype = x_NxtxD.dtype
     init = (jnp.zeros((N, t, D_out), dtype), jnp.zeros((N, t, F), dtype), jnp.zeros((N, t, F), dtype))
-    return jax.lax.fori_loop(0, num_used, body, init)
+    return jax.lax.fori_loop(0, jnp.sum(tile_count_E), body, init)
 
 
 @jax.custom_vjp
-def _tiled_swiglu(x_NxtxD, tile_expert_N, num_used, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD):
-    return _tiled_swiglu_loop(x_NxtxD, tile_expert_N, num_used, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)[0]
+def _tiled_swiglu(x_NxtxD, tile_expert_N, tile_count_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD):
+    return _tiled_swiglu_loop(x_NxtxD, tile_expert_N, tile_count_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)[0]
 
 
-def _tiled_swiglu_fwd(x_NxtxD, tile_expert_N, num_used, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD):
-    y, gate, up = _tiled_swiglu_loop(x_NxtxD, tile_expert_N, num_used, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
-    return y, (x_NxtxD, gate, up, tile_expert_N, num_used, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
+def _tiled_swiglu_fwd(x_NxtxD, tile_expert_N, tile_count_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD):
+    y, gate, up = _tiled_swiglu_loop(x_NxtxD, tile_expert_N, tile_count_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
+    return y, (x_NxtxD, gate, up, tile_count_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
 
 
 def _tiled_swiglu_bwd(res, dy_NxtxD):
@@ -104,11 +105,9 @@ def _tiled_swiglu_bwd(res, dy_NxtxD):
     # are sorted by expert, so an outer scan over experts runs an inner loop over that expert's tiles,
     # accumulating one [D, F] float32 gradient in the carry; the scan stacks them into [E, D, F]. The saved
     # gate/up projections are reused, not recomputed.
-    x_NxtxD, gate_NxtxF, up_NxtxF, tile_expert_N, num_used, w_gate, w_up, w_down = res
+    x_NxtxD, gate_NxtxF, up_NxtxF, tile_count_E, w_gate, w_up, w_down = res
     dtype = x_NxtxD.dtype
     E = w_gate.shape[0]
-    tile_count_E = jnp.bincount(jnp.where(jnp.arange(tile_expert_N.shape[0]) < num_used, tile_expert_N, E),
-                                length=E + 1)[:E]
     tile_start_E = jnp.cumsum(tile_count_E) - tile_count_E
     f32_dot = lambda a, b: jnp.dot(a.T, b, preferred_element_type=jnp.float32)
 
@@ -145,9 +144,9 @@ def _grouped_swiglu_tiled(x_MxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down
     E = group_sizes_E.shape[0]
     # Small batches get small tiles, so padding each group to a tile boundary does not dominate the work.
     tile = min(tile, max(8, 1 << max(0, (M // E - 1).bit_length())))
-    dest_M, tile_expert_N, num_used, num_tiles = _tile_layout(group_sizes_E, M, tile)
+    dest_M, tile_expert_N, tile_count_E, num_tiles = _tile_layout(group_sizes_E, M, tile)
     x_pad = jnp.zeros((num_tiles * tile, D), x_MxD.dtype).at[dest_M].set(x_MxD)
-    y_pad = _tiled_swiglu(x_pad.reshape(num_tiles, tile, D), tile_expert_N, num_used, w_gate_ExDxF, w_up_ExDxF,
+    y_pad = _tiled_swiglu(x_pad.reshape(num_tiles, tile, D), tile_expert_N, tile_count_E, w_gate_ExDxF, w_up_ExDxF,
                           w_down_ExFxD)
     return y_pad.reshape(num_tiles * tile, -1)[dest_M]
 

@@ -117,7 +117,7 @@ def _flash_bwd(bq, bk, mask_all, res, dout_QxBxbxKxGxD):
     return dq.astype(q.dtype), dk, dv, None, None
 
 
-_flash.defvjp(lambda *a: _flash_fwd(*a), _flash_bwd)
+_flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def blockwise_attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL=None, *, scale,

@@ -162,17 +162,23 @@ def sample_rollout(cfg: ModelConfig, params, tokenizer, examples: Sequence[tasks
                    correct=correct, rewards=rewards, completions=tuple(completions))
 
 
-def greedy_accuracy(cfg: ModelConfig, params, tokenizer, examples: Sequence[tasks_lib.Example], *,
-                    max_new_tokens: int) -> float:
-    """Fraction of examples whose greedy (temperature 0) completion the verifier accepts."""
+def _verified_fraction(cfg: ModelConfig, params, tokenizer, examples: Sequence[tasks_lib.Example], *,
+                       max_new_tokens: int, **sampling) -> float:
+    """Fraction of completions of `examples` (one each, in order) that the verifier accepts."""
     prompts = [encode_prompt(tokenizer, e) for e in examples]
-    out = jax.device_get(generate(cfg, params, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
-                                  eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id))
+    out = jax.device_get(generate(cfg, params, prompts, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
+                                  pad_id=tokenizer.pad_id, **sampling))
     N = out.logprobs.shape[1]
     texts = completion_texts(tokenizer, np.asarray(out.tokens)[:, -N:], np.asarray(out.lengths),
                              np.asarray(out.finished))
     correct, _ = score_completions(examples, texts)
     return float(np.mean(correct))
+
+
+def greedy_accuracy(cfg: ModelConfig, params, tokenizer, examples: Sequence[tasks_lib.Example], *,
+                    max_new_tokens: int) -> float:
+    """Fraction of examples whose greedy (temperature 0) completion the verifier accepts."""
+    return _verified_fraction(cfg, params, tokenizer, examples, max_new_tokens=max_new_tokens, temperature=0.0)
 
 
 def sampled_accuracy(cfg: ModelConfig, params, tokenizer, examples: Sequence[tasks_lib.Example], *, samples: int,
@@ -186,11 +192,6 @@ def sampled_accuracy(cfg: ModelConfig, params, tokenizer, examples: Sequence[tas
         raise ValueError(f"samples must be >= 1, got {samples}")
     if not temperature > 0:
         raise ValueError(f"sampled accuracy needs temperature > 0, got {temperature}; use greedy_accuracy")
-    prompts = [encode_prompt(tokenizer, e) for e in examples for _ in range(samples)]
-    out = jax.device_get(generate(cfg, params, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                                  top_p=top_p, top_k=top_k, rng=rng, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id))
-    N = out.logprobs.shape[1]
-    texts = completion_texts(tokenizer, np.asarray(out.tokens)[:, -N:], np.asarray(out.lengths),
-                             np.asarray(out.finished))
-    correct, _ = score_completions([e for e in examples for _ in range(samples)], texts)
-    return float(np.mean(correct))
+    return _verified_fraction(cfg, params, tokenizer, [e for e in examples for _ in range(samples)],
+                              max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                              rng=rng)

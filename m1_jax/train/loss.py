@@ -125,9 +125,8 @@ def _chunked(cfg: ModelConfig, h_BxLxD, head_in, targets_BxL, chunk_size: int, w
     def is_label(t_BxC, V):
         return jnp.arange(V, dtype=t_BxC.dtype) == t_BxC[..., None]
 
-    def chunk_ce(h_BxCxD, head_DxV, t_BxC):
-        """(cross-entropy, log-sum-exp) of one chunk, both [B, C]."""
-        logits_BxCxV = logits_of(h_BxCxD, head_DxV)
+    def ce_of(logits_BxCxV, t_BxC):
+        """(cross-entropy, log-sum-exp) of one chunk's logits, both [B, C]."""
         lse_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
         # The label logit by a compare-and-select over the vocab, not a gather (whose gradient would be a
         # scatter-add into a zero [B, C, V]).
@@ -139,15 +138,16 @@ def _chunked(cfg: ModelConfig, h_BxLxD, head_in, targets_BxL, chunk_size: int, w
 
         def eval_chunk(_, xs):
             h_BxCxD, t_BxC = xs
-            argmax_BxC = jnp.argmax(logits_of(h_BxCxD, head_DxV), axis=-1).astype(jnp.int32)
-            return None, (chunk_ce(h_BxCxD, head_DxV, t_BxC)[0], argmax_BxC)
+            logits_BxCxV = logits_of(h_BxCxD, head_DxV)
+            argmax_BxC = jnp.argmax(logits_BxCxV, axis=-1).astype(jnp.int32)
+            return None, (ce_of(logits_BxCxV, t_BxC)[0], argmax_BxC)
 
         _, (ce_NxBxC, argmax_NxBxC) = jax.lax.scan(eval_chunk, None, (h_NxBxCxD, t_NxBxC))
         return unchunk(ce_NxBxC), unchunk(argmax_NxBxC)
 
     def forward(h_NxBxCxD, head_in, t_NxBxC):
         head_DxV = gather(head_in)
-        _, (ce_NxBxC, lse_NxBxC) = jax.lax.scan(lambda _, xs: (None, chunk_ce(xs[0], head_DxV, xs[1])), None,
+        _, (ce_NxBxC, lse_NxBxC) = jax.lax.scan(lambda _, xs: (None, ce_of(logits_of(xs[0], head_DxV), xs[1])), None,
                                                 (h_NxBxCxD, t_NxBxC))
         return ce_NxBxC, lse_NxBxC
 
