@@ -1,6 +1,6 @@
 """CISPO vs DAPO vs GRPO from one warm start, several seeds each: eval accuracy against RL steps.
 
-  python experiments/compare_rl.py --workdir=/tmp/compare_rl --steps=40 --seeds=3
+  python experiments/compare_rl.py --workdir=/tmp/compare_rl --steps=80 --seeds=3
 Writes WORKDIR/compare_rl.png (sampled avg@k and greedy accuracy, mean and per seed) and prints a markdown
 table: accuracy at the start and the end, the first eval step each run reaches the target (start accuracy +
 --target_gain, or --target), and each algorithm's mean steps-to-target divided by CISPO's (reported whichever
@@ -17,24 +17,25 @@ import numpy as np
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "/tmp/compare_rl", "output dir")
 flags.DEFINE_string("init_checkpoint", None, "warm start (default: SFT warm-up saved to WORKDIR/warm_start)")
-flags.DEFINE_string("task", "mod_sum", "task")
+flags.DEFINE_string("task", "digit_count", "task")
 flags.DEFINE_list("algos", ["cispo", "dapo", "grpo"], "algorithms")
 flags.DEFINE_integer("seeds", 3, "sampling seeds per algorithm")
-flags.DEFINE_integer("steps", 40, "RL steps per run")
+flags.DEFINE_integer("steps", 80, "RL steps per run")
 flags.DEFINE_integer("group_size", 8, "G")
 flags.DEFINE_integer("prompts_per_step", 32, "prompts per rollout")
 flags.DEFINE_integer("mu", 4, "minibatches per rollout (mu > 1 makes the algorithms differ, rl.md §6.9)")
 flags.DEFINE_float("lr", 3e-4, "learning rate")
 flags.DEFINE_float("cispo_eps_high", 4.0, "CISPO cap offset (cap = 1 + eps_high)")
 flags.DEFINE_bool("dapo_dynamic_sampling", True, "DAPO with dynamic sampling")
-flags.DEFINE_integer("num_eval", 128, "eval problems")
-flags.DEFINE_integer("eval_samples", 4, "k of the sampled avg@k eval")
-flags.DEFINE_integer("eval_every", 5, "eval every N steps")
+flags.DEFINE_integer("num_eval", 256, "eval problems")
+flags.DEFINE_integer("eval_samples", 8, "k of the sampled avg@k eval")
+flags.DEFINE_integer("eval_every", 10, "eval every N steps")
 flags.DEFINE_enum("metric", "sampled", ["sampled", "greedy"], "accuracy the target and the ratio are computed on")
 flags.DEFINE_float("target", None, "absolute accuracy target (default: start accuracy + --target_gain)")
-flags.DEFINE_float("target_gain", 0.1, "target = accuracy of the warm start + this")
+flags.DEFINE_float("target_gain", 0.08, "target = accuracy of the warm start + this")
 flags.DEFINE_integer("max_new_tokens", 4, "response budget")
 flags.DEFINE_float("warmup_target", 0.3, "SFT warm-up target (sampled accuracy)")
+flags.DEFINE_integer("warmup_max_steps", 1500, "SFT warm-up step limit")
 flags.DEFINE_string("plot", None, "plot path (default WORKDIR/compare_rl.png)")
 
 COLORS = {"cispo": "tab:red", "dapo": "tab:blue", "grpo": "tab:green"}
@@ -165,7 +166,7 @@ def main(argv):
         if os.path.isdir(warm_dir):
             warm = warmup_lib.load_params(warm_dir, cfg)[1]
         else:
-            wc = warmup_lib.WarmupConfig(task=FLAGS.task, max_steps=800, target_accuracy=FLAGS.warmup_target,
+            wc = warmup_lib.WarmupConfig(task=FLAGS.task, max_steps=FLAGS.warmup_max_steps, target_accuracy=FLAGS.warmup_target,
                                          eval_every=25, max_new_tokens=FLAGS.max_new_tokens, eval_split=split,
                                          eval_samples=FLAGS.eval_samples)
             warm, _ = warmup_lib.sft_warmup(cfg, tok, wc, log_fn=print)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from m1_jax import sharding as sharding_lib
 from m1_jax.config import ModelConfig
 from m1_jax.model import MiniMaxM1, check_tokens, init_cache
 
@@ -234,10 +235,24 @@ def _as_padded(cfg: ModelConfig, prompts, pad_id: int):
     return padded, lengths
 
 
+def _pad_rows_to_multiple(x_Bx, multiple: int):
+    """Repeats the last row until the row count divides by `multiple` (padding rows are dropped after)."""
+    extra = -x_Bx.shape[0] % multiple
+    return np.concatenate([x_Bx, np.repeat(x_Bx[-1:], extra, axis=0)]) if extra else x_Bx
+
+
+def _shard_prompt_rows(tokens_BxP, lengths_B, mesh):
+    """Prompt rows padded to the batch parallelism and split over the mesh's batch axes."""
+    ways = sharding_lib.batch_parallelism(mesh)
+    rows = sharding_lib.batch_sharding(mesh, ndim=1)
+    return (jax.device_put(_pad_rows_to_multiple(tokens_BxP, ways), rows),
+            jax.device_put(_pad_rows_to_multiple(lengths_B, ways), rows))
+
+
 def generate(cfg: ModelConfig, params, prompts, *, max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, rng=None, eos_id: int | None = None, pad_id: int | None = None,
              max_len: int | None = None, repetition_min_run: int | None = DEFAULT_REPETITION_MIN_RUN,
-             repetition_threshold: float = DEFAULT_REPETITION_THRESHOLD) -> GenerateResult:
+             repetition_threshold: float = DEFAULT_REPETITION_THRESHOLD, mesh=None) -> GenerateResult:
     """Samples max_new_tokens continuations of `prompts` (int array [B, L] or a list of token lists).
 
     Greedy when temperature == 0. `logprobs` are log-probabilities of the sampled tokens under the
@@ -245,6 +260,8 @@ def generate(cfg: ModelConfig, params, prompts, *, max_new_tokens: int, temperat
     A row stops after emitting eos_id, or once `repetition_min_run` consecutive tokens each had
     probability (exp(logprob)) > repetition_threshold (None disables); later slots hold pad_id (default:
     eos_id, else 0) with logprob 0. `max_len` is the cache length (default: longest prompt + max_new_tokens).
+    mesh: run data-parallel over its batch axes (rows padded to a multiple of the batch parallelism, the
+    padding dropped from the result) under its logical rules, with `params` placed as the caller placed them.
     """
     sampling = SamplingConfig(float(temperature), int(top_k), float(top_p))
     sampling.validate()
@@ -275,10 +292,17 @@ def generate(cfg: ModelConfig, params, prompts, *, max_new_tokens: int, temperat
             logging.warning("generate: no rng given; sampling with jax.random.key(0)")
         rng = jax.random.key(0)
     min_run = np.iinfo(np.int32).max if repetition_min_run is None else int(repetition_min_run)
-    out_tok, out_lp, lengths, finished, truncated = _generate_jit(
-        params, jnp.asarray(tokens_BxP), jnp.asarray(lengths_B), rng, jnp.int32(-1 if eos_id is None else eos_id),
-        jnp.int32(pad_id), jnp.int32(min_run), jnp.float32(repetition_threshold), cfg=cfg, sampling=sampling,
-        max_new_tokens=int(max_new_tokens), max_len=max_len)
+    if mesh is None:
+        tokens_in, lengths_in = jnp.asarray(tokens_BxP), jnp.asarray(lengths_B)
+    else:
+        tokens_in, lengths_in = _shard_prompt_rows(tokens_BxP, lengths_B, mesh)
+    with sharding_lib.mesh_context(mesh):
+        outs = _generate_jit(
+            params, tokens_in, lengths_in, rng, jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(pad_id),
+            jnp.int32(min_run), jnp.float32(repetition_threshold), cfg=cfg, sampling=sampling,
+            max_new_tokens=int(max_new_tokens), max_len=max_len)
+    B = tokens_BxP.shape[0]
+    out_tok, out_lp, lengths, finished, truncated = (x[:B] for x in outs) if mesh is not None else outs
     tokens = jnp.concatenate([jnp.asarray(tokens_BxP), out_tok], axis=1)
     return GenerateResult(tokens, out_lp, lengths, jnp.asarray(lengths_B), finished, truncated)
 

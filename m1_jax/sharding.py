@@ -21,6 +21,7 @@ Axes:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Sequence
 
@@ -222,6 +223,19 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, batch_dim: int = 0) -> NamedShardi
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def mesh_context(mesh: Mesh | None):
+    """Mesh + logical rules active while tracing, so with_logical_constraint inside the model applies.
+
+    None: no mesh, no rules (single-device tracing, the constraints are no-ops).
+    """
+    if mesh is None:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(mesh))
+    stack.enter_context(nn.logical_axis_rules(logical_rules(mesh)))
+    return stack
 
 
 def _path_str(path) -> str:

@@ -153,6 +153,19 @@ def test_arithmetic_against_python():
         assert ex.answer == str((a + b) % 7)
 
 
+def test_digit_tasks_match_a_python_count_and_max():
+    answers = set()
+    for ex in _examples(tasks.TASKS["digit_count"], 200):
+        target, digits = re.fullmatch(r"count (\d) in (\d{6})=", ex.prompt).groups()
+        assert ex.answer == ex.solution == str(digits.count(target)) and set(digits) <= set("0123")
+        answers.add(ex.answer)
+    assert {"0", "1", "2", "3"} <= answers
+    for ex in _examples(lambda r: tasks.digit_max(r, num_digits=7), 100):
+        digits = re.fullmatch(r"max (\d{7})=", ex.prompt).group(1)
+        assert ex.answer == ex.solution == max(digits)
+        assert tasks.verify(ex, ex.answer + "\n") and not tasks.verify(ex, str((int(ex.answer) + 1) % 10))
+
+
 def test_boolean_expressions_match_python_eval():
     for ex in _examples(lambda r: tasks.boolean_expressions(r, depth=3), 200):
         expr = ex.prompt[:-len(" is\n")]

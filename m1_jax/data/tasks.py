@@ -23,7 +23,7 @@ class Example:
 
 
 # Tasks whose completion *is* the answer (no "Answer:" line): the RL smoke task wants a 1-token answer.
-DIRECT_ANSWER_TASKS = frozenset({"mod_sum"})
+DIRECT_ANSWER_TASKS = frozenset({"mod_sum", "digit_count", "digit_max"})
 
 _ANSWER_MARK = "Answer:"
 
@@ -103,6 +103,22 @@ def mod_sum(rng: np.random.Generator, *, modulus: int = 10) -> Example:
     a, b = int(rng.integers(0, modulus)), int(rng.integers(0, modulus))
     answer = str((a + b) % modulus)
     return Example("mod_sum", f"{a}+{b} mod {modulus}=", answer, answer)
+
+
+def digit_count(rng: np.random.Generator, *, num_digits: int = 6, alphabet: int = 4) -> Example:
+    """How often a digit occurs in a string of digits, bare answer. 4**7 problems: unlike mod_sum, RL cannot
+    memorise the training split, so what it learns must carry over to held-out problems."""
+    digits = rng.integers(0, alphabet, num_digits)
+    target = int(rng.integers(0, alphabet))
+    answer = str(int((digits == target).sum()))
+    return Example("digit_count", f"count {target} in {''.join(map(str, digits))}=", answer, answer)
+
+
+def digit_max(rng: np.random.Generator, *, num_digits: int = 4) -> Example:
+    """The largest digit of a string of digits, bare answer (the tiny preset learns it in ~100 SFT steps)."""
+    digits = rng.integers(0, 10, num_digits)
+    answer = str(int(digits.max()))
+    return Example("digit_max", f"max {''.join(map(str, digits))}=", answer, answer)
 
 
 # ------------------------------------------------------------------------------------------- logic
@@ -283,6 +299,8 @@ TASKS: dict[str, Callable[[np.random.Generator], Example]] = {
     "addition": addition,
     "multiplication": multiplication,
     "mod_sum": mod_sum,
+    "digit_count": digit_count,
+    "digit_max": digit_max,
     "boolean_expressions": boolean_expressions,
     "dyck_language": dyck_language,
     "object_counting": object_counting,

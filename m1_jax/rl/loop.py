@@ -2,6 +2,11 @@
 
 Every random choice is a pure function of (seed, RL step, sampling round) and the prompt cursor, both saved in
 the checkpoint metadata, so a resumed run reproduces the uninterrupted one exactly.
+
+On a mesh (more than one device) the train state (and the GRPO reference params) are placed with train.py's
+shardings (`state_lib.state_shardings`: params and Adam moments FSDP/expert/tensor sharded by the logical rules),
+and rollout sampling, eval, reference log-probs and the optimizer steps run data-parallel over the mesh's batch
+axes. Rollouts, rewards and advantages stay host-side numpy; minibatch rows are split over the batch axes.
 """
 
 from __future__ import annotations
@@ -18,14 +23,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from m1_jax import sharding as sharding_lib
 from m1_jax.config import ModelConfig
 from m1_jax.data import sources
+from m1_jax.model import abstract_params
 from m1_jax.rl import filters
 from m1_jax.rl import rollout as rollout_lib
 from m1_jax.rl import trainer as trainer_lib
 from m1_jax.train import checkpoint as ckpt_lib
 from m1_jax.train import metrics as metrics_lib
 from m1_jax.train import optimizer as opt_lib
+from m1_jax.train import state as state_lib
 from m1_jax.train.state import TrainState
 
 
@@ -69,8 +77,8 @@ def eval_examples(lc: LoopConfig, split: str | None = None):
 class Sampler:
     """Draws one step's rollout: rounds of `prompts_per_step` prompts until enough informative groups."""
 
-    def __init__(self, cfg: ModelConfig, rl: trainer_lib.RLConfig, lc: LoopConfig, tokenizer):
-        self.cfg, self.rl, self.lc, self.tokenizer = cfg, rl, lc, tokenizer
+    def __init__(self, cfg: ModelConfig, rl: trainer_lib.RLConfig, lc: LoopConfig, tokenizer, mesh=None):
+        self.cfg, self.rl, self.lc, self.tokenizer, self.mesh = cfg, rl, lc, tokenizer, mesh
 
     def _round(self, params, cursor: int, rng) -> rollout_lib.Rollout:
         rl = self.rl
@@ -79,7 +87,7 @@ class Sampler:
         r = rollout_lib.sample_rollout(self.cfg, params, self.tokenizer, examples, group_size=rl.group_size,
                                        max_new_tokens=rl.max_new_tokens, prompt_width=rl.max_prompt_len,
                                        temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k, rng=rng,
-                                       format_weight=rl.format_weight)
+                                       format_weight=rl.format_weight, mesh=self.mesh)
         if rl.overlong_penalty:
             penalty = np.asarray(filters.overlong_penalty(r.lengths, rl.max_new_tokens, rl.overlong_cache), np.float32)
             r = r.replace(rewards=r.rewards + penalty)
@@ -117,9 +125,29 @@ class Sampler:
 
 
 @functools.lru_cache(maxsize=16)
-def cached_rl_step(cfg: ModelConfig, rl: trainer_lib.RLConfig, ocfg: opt_lib.OptimizerConfig, prompt_width: int):
-    """One compiled step per (model, RL, optimizer) config: runs in one process (seeds, resumes) share it."""
-    return trainer_lib.make_rl_step(cfg, rl, opt_lib.make_optimizer(ocfg), prompt_width)
+def cached_rl_step(cfg: ModelConfig, rl: trainer_lib.RLConfig, ocfg: opt_lib.OptimizerConfig, prompt_width: int,
+                   mesh=None):
+    """One compiled step per (model, RL, optimizer config, mesh): runs in one process (seeds, resumes) share it."""
+    return trainer_lib.make_rl_step(cfg, rl, opt_lib.make_optimizer(ocfg), prompt_width, mesh=mesh)
+
+
+def multi_device(mesh):
+    """The mesh when it spans several devices, else None: one device keeps the plain (unsharded) path."""
+    return mesh if mesh is not None and mesh.size > 1 else None
+
+
+def check_mesh(cfg: ModelConfig, rl: trainer_lib.RLConfig, mesh) -> None:
+    """Host-side, before any compile: batch rows, parameter and activation dims all divide over the mesh."""
+    if multi_device(mesh) is None:
+        return
+    trainer_lib.check_mesh_divisibility(rl, mesh)
+    sharding_lib.check_activation_divisibility(cfg, mesh)
+    sharding_lib.check_param_divisibility(abstract_params(cfg, boxed=True), mesh)
+
+
+def _with_shardings(shapes, shardings):
+    """ShapeDtypeStructs carrying the shardings a checkpoint restores onto."""
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
 _EVAL_KEY = 20250613  # eval sampling keys, independent of the run's sampling seed
@@ -143,16 +171,19 @@ def _mean(xs):
 
 def run_rl(cfg: ModelConfig, rl: trainer_lib.RLConfig, ocfg: opt_lib.OptimizerConfig, lc: LoopConfig,
            workdir: str, tokenizer, *, init_params: Callable[[], Any], stop_at_step: int | None = None,
-           log_fn: Callable[[str], None] = logging.info) -> dict[str, Any]:
+           mesh=None, log_fn: Callable[[str], None] = logging.info) -> dict[str, Any]:
     """Runs RL until lc.steps (resuming from the latest checkpoint in workdir/checkpoints).
 
     init_params: called only when there is no checkpoint (so a resumed run skips the warm start).
     stop_at_step: return after that step without saving (simulates a hard kill; for tests).
+    mesh: a jax Mesh to shard over (see the module docstring); None or a 1-device mesh runs on one device.
     Returns {"step", "last_metrics", "resumed_from", "history"}.
     """
     rl.validate()
     lc.validate()
     ocfg.validate()
+    mesh = multi_device(mesh)
+    check_mesh(cfg, rl, mesh)
     os.makedirs(workdir, exist_ok=True)
     tx = opt_lib.make_optimizer(ocfg)
     schedule = opt_lib.make_schedule(ocfg)
@@ -171,21 +202,34 @@ def run_rl(cfg: ModelConfig, rl: trainer_lib.RLConfig, ocfg: opt_lib.OptimizerCo
             tree["ref_params"] = jax.tree.map(jnp.copy, params)
         return tree
 
+    tree_shardings = None
+    if mesh is not None:
+        state_shardings = state_lib.state_shardings(cfg, tx, mesh)
+        tree_shardings = {"state": state_shardings, **({"ref_params": state_shardings.params} if use_ref else {})}
+
+    def fresh_placed(params):
+        if mesh is None:
+            return fresh(params)
+        # jit outputs are new buffers, so donating the state never frees the caller's params.
+        params = jax.device_put(params, tree_shardings["state"].params)
+        return jax.jit(fresh, out_shardings=tree_shardings)(params)
+
     latest = ckpt.latest_step()
     if latest is None:
-        tree = fresh(init_params())
+        tree = fresh_placed(init_params())
         rl_step, cursor, resumed_from = 0, 0, None
     else:
-        from m1_jax.model import abstract_params  # pylint: disable=g-import-not-at-top
         abstract = jax.eval_shape(lambda: fresh(jax.tree.map(jnp.zeros_like, abstract_params(cfg))))
+        if mesh is not None:
+            abstract = _with_shardings(abstract, tree_shardings)
         tree, meta = ckpt.restore(latest, abstract, expect=run_meta)
         rl_step, cursor, resumed_from = int(meta["rl_step"]), int(meta["cursor"]), latest
         log_fn(f"resumed RL from step {latest} in {ckpt.directory}")
 
-    sampler = Sampler(cfg, rl, lc, tokenizer)
+    sampler = Sampler(cfg, rl, lc, tokenizer, mesh)
     prompt_width = rl.max_prompt_len
-    step_fn = cached_rl_step(cfg, rl, ocfg, prompt_width)
-    ref_logp_fn = trainer_lib.make_logp_fn(cfg, rl, prompt_width) if use_ref else None
+    step_fn = cached_rl_step(cfg, rl, ocfg, prompt_width, mesh)
+    ref_logp_fn = trainer_lib.make_logp_fn(cfg, rl, prompt_width, mesh=mesh) if use_ref else None
     eval_sets = {"heldout" if lc.eval_split == "eval" else "eval": eval_examples(lc)}
     if lc.report_heldout and lc.eval_split == "train":
         eval_sets["heldout"] = eval_examples(lc, "eval")
@@ -198,14 +242,14 @@ def run_rl(cfg: ModelConfig, rl: trainer_lib.RLConfig, ocfg: opt_lib.OptimizerCo
         record = {}
         for i, (prefix, examples) in enumerate(eval_sets.items()):
             record[f"{prefix}_accuracy"] = rollout_lib.greedy_accuracy(cfg, params, tokenizer, examples,
-                                                                       max_new_tokens=rl.max_new_tokens)
+                                                                       max_new_tokens=rl.max_new_tokens, mesh=mesh)
             if lc.eval_samples:
                 # Common random numbers: every run (algorithm, seed) draws its eval samples with the same
                 # keys at the same step, so differences between runs are less noisy.
                 key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(_EVAL_KEY + lc.data_seed), rl_step), i)
                 record[f"{prefix}_sampled_accuracy"] = rollout_lib.sampled_accuracy(
                     cfg, params, tokenizer, examples, samples=lc.eval_samples, max_new_tokens=rl.max_new_tokens,
-                    temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k, rng=key)
+                    temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k, rng=key, mesh=mesh)
         return record
 
     def save():

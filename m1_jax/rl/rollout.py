@@ -130,8 +130,11 @@ def score_completions(examples_B: Sequence[tasks_lib.Example], completions_B: Se
 
 def sample_rollout(cfg: ModelConfig, params, tokenizer, examples: Sequence[tasks_lib.Example], *, group_size: int,
                    max_new_tokens: int, prompt_width: int, temperature: float, rng, top_p: float = 1.0,
-                   top_k: int = 0, format_weight: float = 0.0) -> Rollout:
-    """G responses for each example (rows g*G .. g*G+G-1 answer examples[g]), scored and laid out."""
+                   top_k: int = 0, format_weight: float = 0.0, mesh=None) -> Rollout:
+    """G responses for each example (rows g*G .. g*G+G-1 answer examples[g]), scored and laid out.
+
+    mesh: sample data-parallel over its batch axes (see `generate`); the rollout comes back to the host.
+    """
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
     if not temperature > 0:
@@ -143,7 +146,7 @@ def sample_rollout(cfg: ModelConfig, params, tokenizer, examples: Sequence[tasks
         raise ValueError(f"a prompt has {longest} tokens but prompt_width={prompt_width}; raise --max_prompt_len")
     rows = [p for p in prompts for _ in range(group_size)]
     out = generate(cfg, params, rows, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                   top_k=top_k, rng=rng, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+                   top_k=top_k, rng=rng, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, mesh=mesh)
     out = jax.device_get(out)
     B, N = out.logprobs.shape
     P_batch = out.tokens.shape[1] - N
@@ -163,11 +166,11 @@ def sample_rollout(cfg: ModelConfig, params, tokenizer, examples: Sequence[tasks
 
 
 def _verified_fraction(cfg: ModelConfig, params, tokenizer, examples: Sequence[tasks_lib.Example], *,
-                       max_new_tokens: int, **sampling) -> float:
+                       max_new_tokens: int, mesh=None, **sampling) -> float:
     """Fraction of completions of `examples` (one each, in order) that the verifier accepts."""
     prompts = [encode_prompt(tokenizer, e) for e in examples]
     out = jax.device_get(generate(cfg, params, prompts, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
-                                  pad_id=tokenizer.pad_id, **sampling))
+                                  pad_id=tokenizer.pad_id, mesh=mesh, **sampling))
     N = out.logprobs.shape[1]
     texts = completion_texts(tokenizer, np.asarray(out.tokens)[:, -N:], np.asarray(out.lengths),
                              np.asarray(out.finished))
@@ -176,13 +179,15 @@ def _verified_fraction(cfg: ModelConfig, params, tokenizer, examples: Sequence[t
 
 
 def greedy_accuracy(cfg: ModelConfig, params, tokenizer, examples: Sequence[tasks_lib.Example], *,
-                    max_new_tokens: int) -> float:
+                    max_new_tokens: int, mesh=None) -> float:
     """Fraction of examples whose greedy (temperature 0) completion the verifier accepts."""
-    return _verified_fraction(cfg, params, tokenizer, examples, max_new_tokens=max_new_tokens, temperature=0.0)
+    return _verified_fraction(cfg, params, tokenizer, examples, max_new_tokens=max_new_tokens, temperature=0.0,
+                              mesh=mesh)
 
 
 def sampled_accuracy(cfg: ModelConfig, params, tokenizer, examples: Sequence[tasks_lib.Example], *, samples: int,
-                     max_new_tokens: int, temperature: float, rng, top_p: float = 1.0, top_k: int = 0) -> float:
+                     max_new_tokens: int, temperature: float, rng, top_p: float = 1.0, top_k: int = 0,
+                     mesh=None) -> float:
     """avg@k: the mean verifier score of `samples` completions per example at the rollout temperature.
 
     RL sharpens the sampling distribution; the M1 report measures it this way (avg@k at temperature 1), and
@@ -194,4 +199,4 @@ def sampled_accuracy(cfg: ModelConfig, params, tokenizer, examples: Sequence[tas
         raise ValueError(f"sampled accuracy needs temperature > 0, got {temperature}; use greedy_accuracy")
     return _verified_fraction(cfg, params, tokenizer, [e for e in examples for _ in range(samples)],
                               max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                              rng=rng)
+                              rng=rng, mesh=mesh)

@@ -8,6 +8,10 @@ minibatch, `micro_batches` slices are accumulated by `lax.scan`; every slice use
 Diagnostics, all over response tokens: clip fraction, approx KL, entropy of the trainer's sampling
 distribution, and the sampler/trainer probability correlation (Pearson of exp(behaviour logp) and
 exp(trainer logp); M1 §3.2, Fig. 3), accumulated as exact sums across micro-batches.
+
+On a mesh (`make_rl_step(..., mesh=)`) the state keeps train.py's shardings and the minibatch rows are split over
+the mesh's batch axes, interleaved on the host so that every device keeps its rows through the micro-batch split
+and each micro-batch holds the same rows as on one device (the MoE aux loss, per micro-batch, is unchanged too).
 """
 
 from __future__ import annotations
@@ -20,13 +24,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from m1_jax import sharding as sharding_lib
 from m1_jax.config import ModelConfig
 from m1_jax.generate import SamplingConfig, sampling_logprobs
 from m1_jax.model import MiniMaxM1
 from m1_jax.rl.advantages import group_advantages
 from m1_jax.rl.losses import AGGREGATIONS, POLICY_LOSSES, loss_denominators
 from m1_jax.rl.rollout import Rollout, sequence_layout
+from m1_jax.train import state as state_lib
 from m1_jax.train.state import TrainState
+from m1_jax.train.step import apply_if_finite, split_micro_strided
 
 # The aggregation each paper uses (rl.md §1-2): M1 Eq. 4 per-group token mean, DAPO token mean over the
 # batch, GRPO per-sequence mean.
@@ -166,6 +173,46 @@ def minibatches(rollout: Rollout, rl: RLConfig, ref_logp_BxN=None) -> list[dict[
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Placement on a mesh: minibatch rows split over the batch axes.
+
+
+def check_batch_rows(rows: int, mesh, what: str) -> None:
+    """ValueError naming the numbers when `rows` responses cannot be split evenly over the batch axes."""
+    ways = sharding_lib.batch_parallelism(mesh)
+    if rows % ways:
+        raise ValueError(f"{what} has {rows} responses, not divisible by the {ways}-way batch sharding (axes "
+                         f"{sharding_lib.batch_axes(mesh)}) of mesh {dict(mesh.shape)}; change prompts_per_step, "
+                         "group_size, mu, micro_batches or --mesh")
+
+
+def check_mesh_divisibility(rl: RLConfig, mesh) -> None:
+    """Host-side, before anything compiles: every minibatch and micro-batch splits over the batch axes."""
+    rows = rl.prompts_per_step // rl.mu * rl.group_size
+    check_batch_rows(rows, mesh, f"a minibatch (prompts_per_step / mu * group_size = {rl.prompts_per_step} / "
+                                 f"{rl.mu} * {rl.group_size})")
+    check_batch_rows(rows // rl.micro_batches, mesh, f"a micro-batch ({rows} / micro_batches={rl.micro_batches})")
+
+
+def interleave_micro_batches(x_Bx: np.ndarray, num_micro: int) -> np.ndarray:
+    """Row order under which the strided split (rows a, a+M, ...) gives back the contiguous micro-batches.
+
+    Micro-batch a of the single-device step is rows [a*R, (a+1)*R); placing row a*R + j at j*M + a makes the
+    sharded step's strided split (each device keeps its rows) pick exactly those rows, in the same order.
+    """
+    B = x_Bx.shape[0]
+    return x_Bx.reshape((num_micro, B // num_micro) + x_Bx.shape[1:]).swapaxes(0, 1).reshape(x_Bx.shape)
+
+
+def place_minibatch(minibatch: dict[str, np.ndarray], num_micro: int, mesh) -> dict[str, jax.Array]:
+    """Host minibatch -> arrays split over the mesh's batch axes, rows interleaved for the strided split."""
+    rows = int(np.shape(minibatch["tokens"])[0])
+    check_batch_rows(rows, mesh, "a minibatch")
+    check_batch_rows(rows // num_micro, mesh, f"a micro-batch ({rows} / micro_batches={num_micro})")
+    host = {k: interleave_micro_batches(np.asarray(minibatch[k]), num_micro) for k in MINIBATCH_KEYS}
+    return jax.device_put(host, sharding_lib.batch_sharding(mesh, ndim=1))
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The jitted step.
 
 _SUM_KEYS = ("loss", "aux_loss", "tokens", "clip", "approx_kl", "approx_kl_k3", "ratio", "entropy", "sx", "sy", "sxx",
@@ -209,26 +256,44 @@ def pearson_from_sums(n, sx, sy, sxx, syy, sxy):
     return cov / jnp.sqrt(jnp.maximum(var_x * var_y, 1e-30))
 
 
-def _split_micro(x, num_micro: int):
+def _split_micro_contiguous(x, num_micro: int):
+    """[B, ...] -> [M, B/M, ...]: micro-batch a is rows a*B/M .. (a+1)*B/M - 1 (the single-device split)."""
     return x.reshape((num_micro, x.shape[0] // num_micro) + x.shape[1:])
 
 
-def make_grads_fn(cfg: ModelConfig, rl: RLConfig, prompt_width: int):
-    """(params, minibatch) -> (grads summed over micro-batches, dict of metric sums, ratio_max); not jitted."""
+def make_grads_fn(cfg: ModelConfig, rl: RLConfig, prompt_width: int, *, mesh=None, param_shardings=None):
+    """(params, minibatch) -> (grads summed over micro-batches, dict of metric sums, ratio_max); not jitted.
+
+    With a mesh the minibatch must come from `place_minibatch` (rows interleaved so that the strided split
+    keeps each device's rows local and still yields the single-device micro-batches); with param_shardings the
+    gradient accumulators are kept sharded like the params.
+    """
     rl.validate()
     num_micro = int(rl.micro_batches)
     grad_fn = jax.grad(make_policy_loss(cfg, rl, prompt_width), has_aux=True)
 
+    def split(x):
+        return _split_micro_contiguous(x, num_micro) if mesh is None else split_micro_strided(x, num_micro)
+
+    def constrain_rows(micro):
+        if mesh is None:
+            return micro
+        return {k: jax.lax.with_sharding_constraint(v, sharding_lib.batch_sharding(mesh, ndim=1))
+                for k, v in micro.items()}
+
+    def constrain_like_params(tree):
+        return tree if param_shardings is None else jax.lax.with_sharding_constraint(tree, param_shardings)
+
     def grads_and_sums(params, minibatch):
-        micros = {k: _split_micro(jnp.asarray(minibatch[k]), num_micro) for k in MINIBATCH_KEYS}
+        micros = {k: split(jnp.asarray(minibatch[k])) for k in MINIBATCH_KEYS}
 
         def body(carry, micro):
             g_acc, s_acc, rmax = carry
-            g, (sums, ratio_max) = grad_fn(params, micro, num_micro)
-            return (jax.tree.map(jnp.add, g_acc, g), {k: s_acc[k] + sums[k] for k in _SUM_KEYS},
+            g, (sums, ratio_max) = grad_fn(params, constrain_rows(micro), num_micro)
+            return (constrain_like_params(jax.tree.map(jnp.add, g_acc, g)), {k: s_acc[k] + sums[k] for k in _SUM_KEYS},
                     jnp.maximum(rmax, ratio_max)), None
 
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        zeros = constrain_like_params(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
         init = (zeros, {k: jnp.zeros((), jnp.float32) for k in _SUM_KEYS}, jnp.full((), -jnp.inf, jnp.float32))
         (grads, sums, ratio_max), _ = jax.lax.scan(body, init, micros)
         return grads, sums, ratio_max
@@ -236,12 +301,18 @@ def make_grads_fn(cfg: ModelConfig, rl: RLConfig, prompt_width: int):
     return grads_and_sums
 
 
-def make_rl_step(cfg: ModelConfig, rl: RLConfig, optimizer: optax.GradientTransformation, prompt_width: int):
+def make_rl_step(cfg: ModelConfig, rl: RLConfig, optimizer: optax.GradientTransformation, prompt_width: int, *,
+                 mesh=None, state_shardings=None):
     """Jitted `state, metrics = step(state, minibatch)`: micro-batched policy gradient, one optimizer update.
 
     The state is donated. metrics hold device scalars (read them with jax.device_get).
+    mesh: the state must be placed with `state_shardings` (default: train.py's, `state_lib.state_shardings`);
+    the step takes a host minibatch and splits its rows over the batch axes (`place_minibatch`).
     """
-    grads_and_sums = make_grads_fn(cfg, rl, prompt_width)
+    if mesh is not None and state_shardings is None:
+        state_shardings = state_lib.state_shardings(cfg, optimizer, mesh)
+    grads_and_sums = make_grads_fn(cfg, rl, prompt_width, mesh=mesh,
+                                   param_shardings=None if mesh is None else state_shardings.params)
 
     def step(state: TrainState, minibatch):
         grads, s, ratio_max = grads_and_sums(state.params, minibatch)
@@ -249,14 +320,7 @@ def make_rl_step(cfg: ModelConfig, rl: RLConfig, optimizer: optax.GradientTransf
         n = jnp.maximum(s["tokens"], 1.0)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(s["loss"]) & jnp.isfinite(grad_norm)
-        updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
-        # A non-finite update is skipped (params and moments untouched) and counted in bad_steps.
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-        new_state = state.replace(
-            step=state.step + 1, params=keep(new_params, state.params), opt_state=keep(new_opt, state.opt_state),
-            bad_steps=state.bad_steps + (~finite).astype(jnp.int32),
-            first_bad_step=jnp.where((state.first_bad_step < 0) & ~finite, state.step, state.first_bad_step))
+        new_state = apply_if_finite(state, optimizer, grads, finite)
         metrics = {"policy_loss": s["loss"], "aux_loss": s["aux_loss"], "grad_norm": grad_norm, "num_tokens": s["tokens"],
                    "clip_fraction": s["clip"] / n, "approx_kl": s["approx_kl"] / n, "approx_kl_k3": s["approx_kl_k3"] / n,
                    "ratio_mean": s["ratio"] / n, "ratio_max": ratio_max, "entropy": s["entropy"] / n,
@@ -264,15 +328,40 @@ def make_rl_step(cfg: ModelConfig, rl: RLConfig, optimizer: optax.GradientTransf
                    "kl_ref": s["kl_ref"] / n, "token_mask_fraction": s["token_mask"] / n, "finite": finite}
         return new_state, metrics
 
-    return jax.jit(step, donate_argnums=0)
+    if mesh is None:
+        return jax.jit(step, donate_argnums=0)
+    jitted = jax.jit(step, donate_argnums=0,
+                     in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh, ndim=1)),
+                     out_shardings=(state_shardings, sharding_lib.replicated(mesh)))
+
+    def run(state: TrainState, minibatch):
+        placed = place_minibatch(minibatch, int(rl.micro_batches), mesh)
+        with sharding_lib.mesh_context(mesh):
+            return jitted(state, placed)
+
+    run.jitted = jitted
+    return run
 
 
-def make_logp_fn(cfg: ModelConfig, rl: RLConfig, prompt_width: int):
-    """Jitted (params, tokens, segment_ids, positions) -> trainer log-probs [B, N] (e.g. of a reference policy)."""
+def make_logp_fn(cfg: ModelConfig, rl: RLConfig, prompt_width: int, *, mesh=None):
+    """Jitted (params, tokens, segment_ids, positions) -> trainer log-probs [B, N] (e.g. of a reference policy).
+
+    mesh: the rows are split over its batch axes (their count must divide by the batch parallelism).
+    """
     sampling = rl.sampling
 
     @jax.jit
     def logp_fn(params, tokens, segment_ids, positions):
         return response_logp(cfg, params, tokens, segment_ids, positions, prompt_width, sampling)[0]
 
-    return logp_fn
+    if mesh is None:
+        return logp_fn
+
+    def run(params, tokens, segment_ids, positions):
+        check_batch_rows(int(np.shape(tokens)[0]), mesh, "the log-prob batch")
+        placed = jax.device_put((np.asarray(tokens), np.asarray(segment_ids), np.asarray(positions)),
+                                sharding_lib.batch_sharding(mesh, ndim=1))
+        with sharding_lib.mesh_context(mesh):
+            return logp_fn(params, *placed)
+
+    return run

@@ -9,7 +9,6 @@ positions at a time (m1_jax/train/loss.py), so [B, L, V] float32 logits are neve
 
 from __future__ import annotations
 
-import contextlib
 from typing import Callable
 
 import flax.linen as nn
@@ -38,21 +37,28 @@ def _forward_hidden(cfg: ModelConfig, params, batch, rng=None):
                                 positions_BxL=batch["positions"], rngs=rngs, return_hidden=True)
 
 
-def _split_micro(x_BxL, accum: int):
+def split_micro_strided(x_BxL, accum: int):
     """[B, ...] -> [A, B/A, ...] taking rows a, a+A, ...: keeps each device's rows on that device."""
     B = x_BxL.shape[0]
     x = x_BxL.reshape((B // accum, accum) + x_BxL.shape[1:])
     return jnp.swapaxes(x, 0, 1)
 
 
-def mesh_context(mesh):
-    """Mesh + logical rules active while tracing, so with_logical_constraint inside the model applies."""
-    if mesh is None:
-        return contextlib.nullcontext()
-    stack = contextlib.ExitStack()
-    stack.enter_context(jax.set_mesh(mesh))
-    stack.enter_context(nn.logical_axis_rules(sharding_lib.logical_rules(mesh)))
-    return stack
+def apply_if_finite(state: TrainState, optimizer: optax.GradientTransformation, grads, finite) -> TrainState:
+    """One optimizer update; when `finite` is False none at all (params and moments untouched), counted in
+    bad_steps. A cond, not a where: a where is one more pass over params, moments and updates."""
+    def update(grads, params, opt_state):
+        updates, new_opt = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_opt
+
+    params, opt_state = jax.lax.cond(finite, update, lambda g, p, o: (p, o), grads, state.params, state.opt_state)
+    return state.replace(
+        step=state.step + 1, params=params, opt_state=opt_state,
+        bad_steps=state.bad_steps + (~finite).astype(jnp.int32),
+        first_bad_step=jnp.where((state.first_bad_step < 0) & ~finite, state.step, state.first_bad_step))
+
+
+mesh_context = sharding_lib.mesh_context  # re-exported: the train step and its tests enter it
 
 
 def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, schedule: Callable,
@@ -85,7 +91,7 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, s
 
     def step(state: TrainState, batch):
         total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
-        micros = {k: _split_micro(batch[k], accum) for k in BATCH_KEYS}
+        micros = {k: split_micro_strided(batch[k], accum) for k in BATCH_KEYS}
         step_rng = jax.random.fold_in(state.rng, state.step)
 
         def body(carry, xs):
@@ -95,28 +101,26 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, s
                 micro = {k: nn.with_logical_constraint(v, ("batch", "length")) for k, v in micro.items()}
             grads, (ce_sum, aux_loss, counts) = grad_fn(state.params, micro, jax.random.fold_in(step_rng, i),
                                                         total_tokens)
-            grads_acc = constrain_like_params(jax.tree.map(jnp.add, grads_acc, grads))
+            grads_acc = constrain_like_params(grads if grads_acc is None else jax.tree.map(jnp.add, grads_acc, grads))
             return (grads_acc, ce_acc + ce_sum, aux_acc + aux_loss, counts_acc + counts), None
 
-        zeros = constrain_like_params(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params))
-        counts0 = jnp.zeros((cfg.num_layers, cfg.num_experts), jnp.float32)
-        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), counts0)
-        (grads, ce_sum, aux_sum, counts), _ = jax.lax.scan(body, init, (micros, jnp.arange(accum)))
+        if accum == 1:
+            # No scan and no zero accumulators: a loop of one costs a full extra pass over the gradients.
+            micro = {k: v[0] for k, v in micros.items()}
+            (grads, ce_sum, aux_sum, counts), _ = body(
+                (None, 0.0, 0.0, 0.0), (micro, jnp.zeros((), jnp.int32)))
+        else:
+            zeros = constrain_like_params(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params))
+            counts0 = jnp.zeros((cfg.num_layers, cfg.num_experts), jnp.float32)
+            init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), counts0)
+            (grads, ce_sum, aux_sum, counts), _ = jax.lax.scan(body, init, (micros, jnp.arange(accum)))
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
 
         ce_loss = ce_sum / total_tokens
         aux_loss = aux_sum / accum
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(ce_loss) & jnp.isfinite(aux_loss) & jnp.isfinite(grad_norm)
-        updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
-        # A non-finite step leaves params and moments untouched; the host halts or carries on (flag).
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        bad = (~finite).astype(jnp.int32)
-        new_state = state.replace(
-            step=state.step + 1, params=keep(new_params, state.params), opt_state=keep(new_opt, state.opt_state),
-            bad_steps=state.bad_steps + bad,
-            first_bad_step=jnp.where((state.first_bad_step < 0) & ~finite, state.step, state.first_bad_step))
+        new_state = apply_if_finite(state, optimizer, grads, finite)  # the host halts or carries on (flag)
         metrics = {"loss": ce_loss, "aux_loss": aux_loss, "total_loss": ce_loss + coef * aux_loss,
                    "grad_norm": grad_norm, "lr": schedule(state.step), "num_tokens": total_tokens,
                    "expert_counts": counts, "finite": finite}
