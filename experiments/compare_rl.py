@@ -126,7 +126,7 @@ def table(runs, prefix):
         row = {"algo": algo, "hits": hits, "reached": len(reached)}
         for name, key in (("sampled", f"{prefix}_sampled_accuracy"), ("greedy", f"{prefix}_accuracy"),
                           ("heldout_sampled", "heldout_sampled_accuracy")):
-            if key in runs[(algo, 0)][0]:
+            if key in runs[(algo, 0)][0] and not (name == "heldout_sampled" and prefix == "heldout"):
                 _, accs = curves(runs, algo, key)
                 row[name] = (accs[:, 0].mean(), accs[:, -1].mean(), accs[:, -1].std())
         rows.append(row)
