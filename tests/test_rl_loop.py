@@ -274,26 +274,26 @@ def test_resume_reproduces_uninterrupted_run(format_params, tmp_path):
 
 
 @pytest.mark.slow
-def test_cispo_raises_digit_count_heldout_accuracy(tmp_path):
-    """experiments/rl.py's defaults (about 9 minutes): SFT warm start at held-out sampled accuracy >= 0.3, then
-    100 CISPO steps on fresh train-split problems raise the sampled train reward (last 10 steps against the first
-    10) and the sampled accuracy on held-out problems RL never sees.
+def test_cispo_raises_heldout_accuracy(tmp_path):
+    """experiments/rl.py's defaults (about 2 minutes): SFT warm start on digit_max until held-out sampled accuracy
+    >= 0.3, then 40 CISPO steps on fresh train-split problems raise the sampled accuracy on held-out problems RL
+    never sees, and the sampled train reward (last 10 steps against the first 10).
 
-    Measured (2-core CPU, WORKSPACE.md 6.9): held-out avg@8 0.32 -> 0.47-0.48. A flipped advantage sign or a
-    loss on the wrong tokens makes both fall; lr 1e-3 collapses the entropy.
+    Measured (2-core CPU, WORKSPACE.md 6.9): held-out avg@8 0.55 -> 0.77. A flipped advantage sign or a loss on
+    the wrong tokens makes both fall.
     """
     cfg = get_config("tiny", fp32_lm_head=True)
-    wc = WarmupConfig(task="digit_count", max_steps=1500, target_accuracy=0.3, eval_every=25, max_new_tokens=4,
+    wc = WarmupConfig(task="digit_max", max_steps=1500, target_accuracy=0.3, eval_every=25, max_new_tokens=4,
                       num_eval=256, eval_samples=8, eval_split="eval")
     warm, hist = sft_warmup(cfg, TOK, wc, log_fn=lambda s: None)
-    assert hist[-1]["sampled_accuracy"] >= 0.3, hist[-1]
+    assert 0.3 <= hist[-1]["sampled_accuracy"] <= 0.8, hist[-1]
     rl = trainer_lib.RLConfig(algo="cispo", group_size=8, prompts_per_step=32, mu=4, max_new_tokens=4)
     ocfg = opt_lib.OptimizerConfig(learning_rate=3e-4, schedule="constant", warmup_steps=0, weight_decay=0.0)
-    lc = loop_lib.LoopConfig(task="digit_count", steps=100, eval_split="eval", num_eval=256, eval_samples=8,
-                             eval_every=100, checkpoint_every=0)
+    lc = loop_lib.LoopConfig(task="digit_max", steps=40, eval_split="eval", num_eval=256, eval_samples=8,
+                             eval_every=40, checkpoint_every=0)
     out = loop_lib.run_rl(cfg, rl, ocfg, lc, str(tmp_path), TOK, init_params=lambda: warm, log_fn=lambda s: None)
     rewards = [h["reward"] for h in out["history"] if "reward" in h]
     assert all(np.isfinite(rewards))
     assert np.mean(rewards[-10:]) >= np.mean(rewards[:10]) + 0.05, rewards
     heldout = {h["step"]: h["heldout_sampled_accuracy"] for h in out["history"] if "heldout_sampled_accuracy" in h}
-    assert heldout[100] >= heldout[0] + 0.06, heldout
+    assert heldout[40] >= heldout[0] + 0.08, heldout
