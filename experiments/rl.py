@@ -94,8 +94,10 @@ def build_configs(cfg):
                   aggregation=FLAGS.aggregation, kl_coef=FLAGS.kl_coef, dynamic_sampling=FLAGS.dynamic_sampling,
                   overlong_penalty=FLAGS.overlong_penalty, overlong_cache=FLAGS.overlong_cache,
                   overlong_filter=FLAGS.overlong_filter, format_weight=FLAGS.format_weight)
-    ocfg = OptimizerConfig(learning_rate=FLAGS.lr, schedule="constant", warmup_steps=0,
-                           total_steps=FLAGS.steps * FLAGS.mu, weight_decay=0.0, clip_norm=FLAGS.clip_norm)
+    # A constant learning rate: the run's length does not enter the optimizer config (which resume checks), so a
+    # finished run can be extended by rerunning with a larger --steps.
+    ocfg = OptimizerConfig(learning_rate=FLAGS.lr, schedule="constant", warmup_steps=0, total_steps=1,
+                           weight_decay=0.0, clip_norm=FLAGS.clip_norm)
     lc = LoopConfig(task=FLAGS.task, steps=FLAGS.steps, seed=FLAGS.seed, data_seed=FLAGS.data_seed,
                     eval_split=eval_split(FLAGS.task, FLAGS.eval_split), num_eval=FLAGS.num_eval,
                     eval_samples=FLAGS.eval_samples, eval_every=FLAGS.eval_every,
