@@ -7,15 +7,13 @@ loss = sum of squared outputs, gradients for the input and every weight), median
 calls, each framework in its own subprocess. Shows where a train step's time goes (WORKSPACE.md 6.3).
 """
 
-import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 import warnings
 
 from absl import app, flags
+
+import bench_worker
 
 _PRESET = flags.DEFINE_string("preset", "cpu-100m", "model preset")
 _BATCH = flags.DEFINE_integer("batch", 1, "batch size")
@@ -105,17 +103,12 @@ def main(argv):
     B, L = _BATCH.value, _SEQ.value
     if _WORKER.value:
         result = (_run_jax if _WORKER.value == "jax" else _run_torch)(cfg, B, L)
-        print("RESULT " + json.dumps(result), flush=True)
+        bench_worker.emit(result)
         return
-    results = {}
-    for framework in ("jax", "torch"):
-        cmd = [sys.executable, os.path.abspath(__file__), f"--worker={framework}", f"--preset={_PRESET.value}",
-               f"--batch={B}", f"--seq={L}", f"--warmup={_WARMUP.value}", f"--repeats={_REPEATS.value}"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not lines:
-            raise RuntimeError(f"{framework} worker failed:\n{proc.stderr[-3000:]}")
-        results[framework] = json.loads(lines[-1][7:])
+    results = {framework: bench_worker.run(__file__, [f"--worker={framework}", f"--preset={_PRESET.value}",
+                                                      f"--batch={B}", f"--seq={L}", f"--warmup={_WARMUP.value}",
+                                                      f"--repeats={_REPEATS.value}"], f"{framework} worker")
+               for framework in ("jax", "torch")}
     counts = {"moe": cfg.num_layers, "lightning": list(cfg.layer_types).count(LIGHTNING),
               "softmax": list(cfg.layer_types).count(SOFTMAX)}
     print(f"\n{_PRESET.value}, batch {B} x seq {L}, median of {_REPEATS.value} after {_WARMUP.value} warm-up calls\n")

@@ -8,15 +8,14 @@ for the softmax layers (transformers' MiniMax lightning layers are plain PyTorch
 Peak memory: the process's peak RSS minus its RSS after imports (includes compiled code and caches).
 """
 
-import json
 import os
 import resource
 import statistics
-import subprocess
-import sys
 import time
 
 from absl import app, flags
+
+import bench_worker
 
 _PRESETS = flags.DEFINE_list("presets", ["tiny", "cpu-100m"], "m1_jax.config presets")
 _BATCH = flags.DEFINE_integer("batch", 2, "sequences per step")
@@ -110,7 +109,7 @@ def main(argv):
             out = _run_jax(preset, B, L, W, R)
         else:
             out = _run_torch(preset, B, L, W, R, _THREADS.value)
-        print("RESULT " + json.dumps(out), flush=True)
+        bench_worker.emit(out)
         return
     from m1_jax.config import get_config
     from m1_jax.model import count_params
@@ -118,15 +117,10 @@ def main(argv):
     rows = []
     for preset in _PRESETS.value:
         n = count_params(get_config(preset))
-        res = {}
-        for framework in ("jax", "torch"):
-            cmd = [sys.executable, os.path.abspath(__file__), f"--worker={framework}:{preset}", f"--batch={B}",
-                   f"--seq={L}", f"--warmup={W}", f"--repeats={R}", f"--threads={_THREADS.value}"]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode or not lines:
-                raise RuntimeError(f"{framework}:{preset} failed:\n{proc.stderr[-3000:]}")
-            res[framework] = json.loads(lines[-1][7:])
+        res = {framework: bench_worker.run(__file__, [f"--worker={framework}:{preset}", f"--batch={B}", f"--seq={L}",
+                                                      f"--warmup={W}", f"--repeats={R}", f"--threads={_THREADS.value}"],
+                                           f"{framework}:{preset}")
+               for framework in ("jax", "torch")}
         for framework in ("jax", "torch"):
             r = res[framework]
             med = statistics.median(r["times"])

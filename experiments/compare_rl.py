@@ -152,12 +152,13 @@ def main(argv):
     from m1_jax.config import get_config
     from m1_jax.data import load_tokenizer
     from m1_jax.rl import warmup as warmup_lib
+    from m1_jax.rl.loop import default_eval_split
 
     jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "m1_jax_xla"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     t_start = time.time()
     tok = load_tokenizer("byte")
-    split = "train" if FLAGS.task == "mod_sum" else "eval"
+    split = default_eval_split(FLAGS.task)
     if FLAGS.init_checkpoint:
         cfg, warm = warmup_lib.load_params(FLAGS.init_checkpoint)
     else:

@@ -80,8 +80,7 @@ def main(argv):
     if step is None:
         sys.exit(f"error: no checkpoint in {ckpt.directory}")
     shardings = state_lib.state_shardings(cfg, tx, setup.mesh)
-    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            state_lib.abstract_state(cfg, tx), shardings)
+    abstract = sharding_lib.with_shardings(state_lib.abstract_state(cfg, tx), shardings)
     state, _ = ckpt.restore(step, abstract)
     ckpt.close()
     params = state.params

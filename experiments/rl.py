@@ -75,13 +75,9 @@ flags.DEFINE_float("warmup_lr", 3e-3, "SFT warm-up learning rate")
 flags.DEFINE_string("compilation_cache", os.path.join(os.path.expanduser("~"), ".cache", "m1_jax_xla"),
                     "persistent XLA compilation cache directory ('' turns it off)")
 
-SMALL_TASKS = ("mod_sum",)  # problem spaces so small that a held-out split has only a handful of problems
-
-
 def eval_split(task: str, flag: str) -> str:
-    if flag != "auto":
-        return flag
-    return "train" if task in SMALL_TASKS else "eval"
+    from m1_jax.rl.loop import default_eval_split
+    return default_eval_split(task) if flag == "auto" else flag
 
 
 def build_configs(cfg):

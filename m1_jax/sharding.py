@@ -225,6 +225,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def with_shardings(shapes, shardings):
+    """ShapeDtypeStructs of `shapes` carrying `shardings` (the target a checkpoint restores or a lowering takes)."""
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
 def mesh_context(mesh: Mesh | None):
     """Mesh + logical rules active while tracing, so with_logical_constraint inside the model applies.
 

@@ -11,8 +11,6 @@
 
 import dataclasses
 import functools
-import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +26,7 @@ from m1_jax.rl import trainer as trainer_lib
 from m1_jax.rl.losses import POLICY_LOSSES
 from m1_jax.rl.warmup import WarmupConfig, sft_warmup
 from m1_jax.train import optimizer as opt_lib
+from m1_jax.train.metrics import read_metrics
 from m1_jax.train.state import TrainState
 
 # Two layers (1 lightning + 1 softmax), small blocks so sequences cross block boundaries, and a larger init so
@@ -231,12 +230,8 @@ def format_params():
 
 
 def _records(workdir):
-    by_step = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            rec = json.loads(line)
-            by_step[rec["step"]] = rec  # a re-run step after a kill overwrites its first record
-    return by_step
+    # A step re-run after a kill overwrites its first record.
+    return {rec["step"]: rec for rec in read_metrics(str(workdir))}
 
 
 def test_sampled_accuracy_at_low_temperature_equals_greedy(format_params):

@@ -10,8 +10,6 @@
   onto the mesh reproduce the uninterrupted one.
 """
 
-import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +24,7 @@ from m1_jax.rl import loop as loop_lib
 from m1_jax.rl import rollout as rollout_lib
 from m1_jax.rl import trainer as trainer_lib
 from m1_jax.train import optimizer as opt_lib
+from m1_jax.train.metrics import read_metrics
 from m1_jax.train import state as state_lib
 from m1_jax.train.state import TrainState
 from m1_jax.train.step import split_micro_strided
@@ -161,12 +160,8 @@ def test_mesh_sampling_matches_single_device(params):
 
 
 def _records(workdir):
-    by_step = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            rec = json.loads(line)
-            by_step[rec["step"]] = rec  # a re-run step after a kill overwrites its first record
-    return by_step
+    # A step re-run after a kill overwrites its first record.
+    return {rec["step"]: rec for rec in read_metrics(str(workdir))}
 
 
 @pytest.mark.slow

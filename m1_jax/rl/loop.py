@@ -64,6 +64,14 @@ class LoopConfig:
             raise ValueError("eval_every and checkpoint_every must be >= 0 (0 turns them off)")
 
 
+# Problem spaces so small that a held-out split has only a handful of problems: eval on fresh train-split draws.
+SMALL_TASKS = frozenset({"mod_sum"})
+
+
+def default_eval_split(task: str) -> str:
+    return "train" if task in SMALL_TASKS else "eval"
+
+
 def eval_examples(lc: LoopConfig, split: str | None = None):
     weights = {lc.task: 1.0}
     if (split or lc.eval_split) == "eval":
@@ -145,11 +153,6 @@ def check_mesh(cfg: ModelConfig, rl: trainer_lib.RLConfig, mesh) -> None:
     sharding_lib.check_param_divisibility(abstract_params(cfg, boxed=True), mesh)
 
 
-def _with_shardings(shapes, shardings):
-    """ShapeDtypeStructs carrying the shardings a checkpoint restores onto."""
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-
-
 _EVAL_KEY = 20250613  # eval sampling keys, independent of the run's sampling seed
 
 
@@ -221,7 +224,7 @@ def run_rl(cfg: ModelConfig, rl: trainer_lib.RLConfig, ocfg: opt_lib.OptimizerCo
     else:
         abstract = jax.eval_shape(lambda: fresh(jax.tree.map(jnp.zeros_like, abstract_params(cfg))))
         if mesh is not None:
-            abstract = _with_shardings(abstract, tree_shardings)
+            abstract = sharding_lib.with_shardings(abstract, tree_shardings)
         tree, meta = ckpt.restore(latest, abstract, expect=run_meta)
         rl_step, cursor, resumed_from = int(meta["rl_step"]), int(meta["cursor"]), latest
         log_fn(f"resumed RL from step {latest} in {ckpt.directory}")

@@ -40,15 +40,11 @@ def reduced_depth(cfg: ModelConfig, groups: int) -> ModelConfig:
     return cfg.replace(num_layers=n, layer_types=cfg.layer_types[:n])
 
 
-def _abstract(shapes, shardings):
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-
-
 def compile_step(cfg: ModelConfig, tx, schedule, mesh, batch_size: int, seq_len: int, accum: int,
                  loss_chunk_size: int = step_lib.DEFAULT_CHUNK_SIZE):
     """Lowers and compiles the sharded train step on abstract inputs; returns (compiled, seconds)."""
     shardings = state_lib.state_shardings(cfg, tx, mesh)
-    state = _abstract(state_lib.abstract_state(cfg, tx), shardings)
+    state = sharding_lib.with_shardings(state_lib.abstract_state(cfg, tx), shardings)
     bsh = sharding_lib.batch_sharding(mesh)
     batch = {k: jax.ShapeDtypeStruct((batch_size, seq_len), dt, sharding=bsh) for k, dt in _BATCH_DTYPES.items()}
     step = step_lib.make_train_step(cfg, tx, schedule, grad_accum_steps=accum, mesh=mesh, state_shardings=shardings,

@@ -186,7 +186,7 @@ def train(config, workdir: str, mesh_spec: str | None = None, *, devices=None, s
         resumed_from = None
     else:
         shapes = state_lib.abstract_state(cfg, tx)
-        abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+        abstract = sharding_lib.with_shardings(shapes, shardings)
         state, meta = ckpt.restore(latest, abstract, expect={"model_config": model_meta, "seed": int(t.seed)})
         try:
             train_it.set_state(meta["data_state"])
