@@ -97,43 +97,35 @@ def _tiled_swiglu(x_NxtxD, tile_expert_N, tile_count_E, w_gate_ExDxF, w_up_ExDxF
 
 def _tiled_swiglu_fwd(x_NxtxD, tile_expert_N, tile_count_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD):
     y, gate, up = _tiled_swiglu_loop(x_NxtxD, tile_expert_N, tile_count_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
-    return y, (x_NxtxD, gate, up, tile_count_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
+    return y, (x_NxtxD, gate, up, tile_expert_N, tile_count_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
 
 
 def _tiled_swiglu_bwd(res, dy_NxtxD):
-    # Hand-written: autodiff of the forward loop would add a full [E, D, F] weight gradient per tile. Tiles
-    # are sorted by expert, so an outer scan over experts runs an inner loop over that expert's tiles,
-    # accumulating one [D, F] float32 gradient in the carry; the scan stacks them into [E, D, F]. The saved
-    # gate/up projections are reused, not recomputed.
-    x_NxtxD, gate_NxtxF, up_NxtxF, tile_count_E, w_gate, w_up, w_down = res
+    # Hand-written: autodiff of the forward loop would carry a zero [E, D, F] weight gradient per tile into
+    # the loop's transpose. One loop over the used tiles adds each tile's weight gradient in place into its
+    # expert's slot of a float32 [E, D, F] accumulator and reuses the saved gate/up projections. (A scan over
+    # experts with an inner loop over each expert's tiles computed the same and ran 1.6-2x slower on XLA:CPU.)
+    x_NxtxD, gate_NxtxF, up_NxtxF, tile_expert_N, tile_count_E, w_gate, w_up, w_down = res
     dtype = x_NxtxD.dtype
-    E = w_gate.shape[0]
-    tile_start_E = jnp.cumsum(tile_count_E) - tile_count_E
-    f32_dot = lambda a, b: jnp.dot(a.T, b, preferred_element_type=jnp.float32)
+    f32_xt_dot = lambda a, b: jnp.dot(a.T, b, preferred_element_type=jnp.float32)
 
-    def one_expert(dx_NxtxD, e):
-        w_gate_e, w_up_e, w_down_e = w_gate[e], w_up[e], w_down[e]
+    def one_tile(i, carry):
+        dx_NxtxD, dw_gate, dw_up, dw_down = carry
+        e = tile_expert_N[i]
+        x, gate, up, dy = x_NxtxD[i], gate_NxtxF[i], up_NxtxF[i], dy_NxtxD[i].astype(dtype)
+        sig = jax.nn.sigmoid(gate)
+        act = gate * sig
+        dh = dy @ w_down[e].T
+        d_up = dh * act
+        d_gate = dh * up * sig * (1 + gate * (1 - sig))  # d silu(g)/dg = sig(g) (1 + g (1 - sig(g)))
+        dx = d_gate @ w_gate[e].T + d_up @ w_up[e].T
+        return (dx_NxtxD.at[i].set(dx), dw_gate.at[e].add(f32_xt_dot(x, d_gate)),
+                dw_up.at[e].add(f32_xt_dot(x, d_up)), dw_down.at[e].add(f32_xt_dot(act * up, dy)))
 
-        def one_tile(j, carry):
-            dx_NxtxD, dw_gate, dw_up, dw_down = carry
-            i = tile_start_E[e] + j
-            x, gate, up, dy = x_NxtxD[i], gate_NxtxF[i], up_NxtxF[i], dy_NxtxD[i].astype(dtype)
-            sig = jax.nn.sigmoid(gate)
-            act = gate * sig
-            dh = dy @ w_down_e.T
-            d_up = dh * act
-            d_gate = dh * up * sig * (1 + gate * (1 - sig))  # d silu(g)/dg = sig(g) (1 + g (1 - sig(g)))
-            dx = d_gate @ w_gate_e.T + d_up @ w_up_e.T
-            return (dx_NxtxD.at[i].set(dx), dw_gate + f32_dot(x, d_gate), dw_up + f32_dot(x, d_up),
-                    dw_down + f32_dot(act * up, dy))
-
-        zeros = lambda w: jnp.zeros(w.shape, jnp.float32)
-        dx_NxtxD, dwg, dwu, dwd = jax.lax.fori_loop(
-                0, tile_count_E[e], one_tile, (dx_NxtxD, zeros(w_gate_e), zeros(w_up_e), zeros(w_down_e)))
-        return dx_NxtxD, (dwg.astype(w_gate.dtype), dwu.astype(w_up.dtype), dwd.astype(w_down.dtype))
-
-    dx, (dwg, dwu, dwd) = jax.lax.scan(one_expert, jnp.zeros_like(x_NxtxD), jnp.arange(E))
-    return (dx, None, None, dwg, dwu, dwd)
+    zeros_f32 = lambda w: jnp.zeros(w.shape, jnp.float32)
+    init = (jnp.zeros_like(x_NxtxD), zeros_f32(w_gate), zeros_f32(w_up), zeros_f32(w_down))
+    dx, dwg, dwu, dwd = jax.lax.fori_loop(0, jnp.sum(tile_count_E), one_tile, init)
+    return (dx, None, None, dwg.astype(w_gate.dtype), dwu.astype(w_up.dtype), dwd.astype(w_down.dtype))
 
 
 _tiled_swiglu.defvjp(_tiled_swiglu_fwd, _tiled_swiglu_bwd)
