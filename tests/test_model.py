@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from m1_jax.config import get_config
+from m1_jax.layers import moe as moe_lib
 from m1_jax.layers.moe import aux_loss_from_stats, load_balance_stats, moe_dropless, route_top_k
 from m1_jax.layers.norms import rms_norm
 from m1_jax.layers.rope import apply_rope, rope_cos_sin
@@ -110,34 +111,64 @@ def test_blockwise_attention_gradients_against_dense(L, bq, bk, segments):
     for g, r in zip(got, want):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-4)
 
-@pytest.mark.parametrize("impl", ["tiled", "ragged_dot"])
+def _moe_dense_loop(x, weights, experts, wg, wu, wd):
+    """float64 numpy: every token through each of its experts, one at a time."""
+    silu = lambda z: z / (1 + np.exp(-z))
+    out = np.zeros_like(x, dtype=np.float64)
+    for t in range(x.shape[0]):
+        for j in range(experts.shape[1]):
+            e = experts[t, j]
+            out[t] += weights[t, j] * ((silu(x[t] @ wg[e]) * (x[t] @ wu[e])) @ wd[e])
+    return out
+
+
+def _check_moe_impl(impl, x, weights, experts, wg, wu, wd):
+    """Forward against the float64 loop; gradients (tokens, every expert weight) against autodiff of ragged_dot."""
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    w_, e_ = f32(weights), jnp.asarray(experts, jnp.int32)
+    out = jax.jit(lambda *a: moe_dropless(a[0], w_, e_, *a[1:], impl=impl, tile=8))(f32(x), f32(wg), f32(wu), f32(wd))
+    np.testing.assert_allclose(np.asarray(out), _moe_dense_loop(x, weights, experts, wg, wu, wd), rtol=1e-4, atol=1e-4)
+
+    def loss(x_, wg_, wu_, wd_, impl_):
+        return jnp.sum(moe_dropless(x_, w_, e_, wg_, wu_, wd_, impl=impl_, tile=8) ** 2)
+
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)), static_argnums=4)
+    args = [f32(a) for a in (x, wg, wu, wd)]
+    for got, want in zip(grads(*args, impl), grads(*args, "ragged_dot")):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
+def _moe_problem(rng, T, D, F, E):
+    x = rng.standard_normal((T, D))
+    ws = rng.standard_normal((E, D, F)) * .3, rng.standard_normal((E, D, F)) * .3, rng.standard_normal((E, F, D)) * .3
+    return x, ws
+
+
+@pytest.mark.parametrize("impl", ["bucketed", "tiled", "ragged_dot"])
 def test_moe_dropless_against_dense_loop(impl):
     rng = RNG(3)
     T, D, F, E, k = 50, 12, 20, 6, 2
-    x = rng.standard_normal((T, D))
-    wg, wu, wd = rng.standard_normal((E, D, F)) * .3, rng.standard_normal((E, D, F)) * .3, rng.standard_normal((E, F, D)) * .3
+    x, (wg, wu, wd) = _moe_problem(rng, T, D, F, E)
     experts = np.stack([rng.permutation(E - 1)[:k] for _ in range(T)])  # the last expert gets no tokens
     experts[:20] = [0, 1]  # a crowded expert pair, so group sizes are uneven
-    weights = rng.uniform(0.1, 1, (T, k))
-    f = jax.jit(lambda *a: moe_dropless(*a, impl=impl, tile=8))
-    args = [jnp.asarray(a, jnp.float32) for a in (x, weights)] + [jnp.asarray(experts, jnp.int32)] + \
-        [jnp.asarray(a, jnp.float32) for a in (wg, wu, wd)]
-    out = np.asarray(f(args[0], args[1], args[2], *args[3:]))
-    silu = lambda z: z / (1 + np.exp(-z))
-    expected = np.zeros((T, D))
-    for t in range(T):
-        for j in range(k):
-            e = experts[t, j]
-            expected[t] += weights[t, j] * ((silu(x[t] @ wg[e]) * (x[t] @ wu[e])) @ wd[e])
-    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
-    # gradients (tokens and every expert weight) through the tiled path's hand-written VJP equal autodiff
-    # of the ragged one
-    def loss(x_, wg_, wu_, wd_, impl_):
-        return jnp.sum(moe_dropless(x_, args[1], args[2], wg_, wu_, wd_, impl=impl_, tile=8) ** 2)
+    _check_moe_impl(impl, x, rng.uniform(0.1, 1, (T, k)), experts, wg, wu, wd)
 
-    grads = jax.grad(loss, argnums=(0, 1, 2, 3))
-    for got, want in zip(grads(args[0], *args[3:], impl), grads(args[0], *args[3:], "ragged_dot")):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+
+@pytest.mark.parametrize("crowded", [0, 12, 40, 128])
+def test_moe_bucketed_every_capacity_branch(crowded):
+    """From even routing (smallest capacity) to every token on one expert pair (beyond the largest capacity:
+    the tiled fallback); the test first checks which branch its routing selects."""
+    rng = RNG(11 + crowded)
+    T, D, F, E, k = 128, 8, 16, 8, 2
+    x, (wg, wu, wd) = _moe_problem(rng, T, D, F, E)
+    # Balanced: token t takes experts t % E and (t + 1) % E, 32 rows each; then `crowded` tokens move to (0, 1).
+    experts = np.stack([np.arange(T) % E, (np.arange(T) + 1) % E], axis=1)
+    experts[:crowded] = [0, 1]
+    buckets = moe_lib.capacity_buckets(T * k, E)
+    branch = int(np.searchsorted(buckets, np.bincount(experts.ravel(), minlength=E).max()))
+    assert buckets == (32, 40, 48, 56, 64)
+    assert branch == {0: 0, 12: 2, 40: 4, 128: 5}[crowded], branch
+    _check_moe_impl("bucketed", x, rng.uniform(0.1, 1, (T, k)), experts, wg, wu, wd)
 
 
 def test_aux_loss_by_hand():

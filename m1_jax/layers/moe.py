@@ -2,9 +2,15 @@
 
 Dropless dispatch sorts the token copies by expert so each expert's rows are contiguous, then runs a
 grouped matmul. `lax.ragged_dot` is the grouped matmul on GPU/TPU; XLA:CPU lowers it to a dense masked
-product over every expert (E times the work), so on CPU we pad each group to a tile boundary and run one
-small matmul per tile instead ("tiled"). Both compute the same thing.
+product over every expert (E times the work), so the CPU default is "bucketed": every expert's rows are
+padded to one shared capacity C >= the largest group, picked at run time from a few static sizes
+(`capacity_buckets`), and the experts run as one batched matmul over [E, C, .]; when the routing is too
+uneven for the largest bucket it falls back to "tiled" (each group padded to whole row tiles, one small
+matmul per used tile). All compute the same thing; no row is ever dropped.
 """
+
+import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -131,11 +137,14 @@ def _tiled_swiglu_bwd(res, dy_NxtxD):
 _tiled_swiglu.defvjp(_tiled_swiglu_fwd, _tiled_swiglu_bwd)
 
 
+def _small_tile(M: int, E: int, tile: int) -> int:
+    """Small batches get small tiles, so padding each group to a tile boundary does not dominate the work."""
+    return min(tile, max(8, 1 << max(0, (M // E - 1).bit_length())))
+
+
 def _grouped_swiglu_tiled(x_MxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, tile: int):
     M, D = x_MxD.shape
-    E = group_sizes_E.shape[0]
-    # Small batches get small tiles, so padding each group to a tile boundary does not dominate the work.
-    tile = min(tile, max(8, 1 << max(0, (M // E - 1).bit_length())))
+    tile = _small_tile(M, group_sizes_E.shape[0], tile)
     dest_M, tile_expert_N, tile_count_E, num_tiles = _tile_layout(group_sizes_E, M, tile)
     x_pad = jnp.zeros((num_tiles * tile, D), x_MxD.dtype).at[dest_M].set(x_MxD)
     y_pad = _tiled_swiglu(x_pad.reshape(num_tiles, tile, D), tile_expert_N, tile_count_E, w_gate_ExDxF, w_up_ExDxF,
@@ -143,8 +152,112 @@ def _grouped_swiglu_tiled(x_MxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down
     return y_pad.reshape(num_tiles * tile, -1)[dest_M]
 
 
+# Capacities tried, as multiples of the mean group size M / E; beyond the last one "tiled" runs instead.
+CAPACITY_RATIOS = (1.0, 1.25, 1.5, 2.0)
+
+
+def capacity_buckets(M: int, E: int) -> tuple[int, ...]:
+    """The static per-expert capacities of the "bucketed" grouped matmul: ratio * M / E rounded up to 8 rows."""
+    return tuple(sorted({min(M, 8 * math.ceil(M / E * r / 8)) for r in CAPACITY_RATIOS}))
+
+
+def _bucket_rows(group_sizes_E, M: int, C: int):
+    """Row of [E * C, .] that each expert-sorted row goes to: row m of group e lands at e * C + (m - start_e)."""
+    ends_E = jnp.cumsum(group_sizes_E)
+    expert_M = jnp.minimum(jnp.searchsorted(ends_E, jnp.arange(M), side="right"), group_sizes_E.shape[0] - 1)
+    return expert_M * C + jnp.arange(M) - (ends_E - group_sizes_E)[expert_M]
+
+
+def _bucket_index(group_sizes_E, buckets):
+    """Index of the smallest bucket that holds the largest group; len(buckets) means "tiled"."""
+    return jnp.searchsorted(jnp.asarray(buckets, jnp.int32), jnp.max(group_sizes_E), side="left")
+
+
+def _scatter_rows(a_MxX, dest_M, num_rows: int):
+    """Rows of a placed at dest (1-D row indices: XLA:CPU scatters and gathers whole rows fastest)."""
+    return jnp.zeros((num_rows, a_MxX.shape[-1]), a_MxX.dtype).at[dest_M].set(a_MxX)
+
+
+def _bucketed_swiglu_run(x_MxD, group_sizes_E, w_gate, w_up, w_down, tile, with_residuals: bool):
+    """y (and the gate/up projections when with_residuals) in sorted-row order, from whichever branch fits."""
+    M, D = x_MxD.shape
+    E = w_gate.shape[0]
+    buckets = capacity_buckets(M, E)
+
+    def batched(C):
+        def run(x_MxD):
+            dest_M = _bucket_rows(group_sizes_E, M, C)
+            x_ExCxD = _scatter_rows(x_MxD, dest_M, E * C).reshape(E, C, D)
+            gate = jnp.einsum("ecd,edf->ecf", x_ExCxD, w_gate)
+            up = jnp.einsum("ecd,edf->ecf", x_ExCxD, w_up)
+            y = jnp.einsum("ecf,efd->ecd", jax.nn.silu(gate) * up, w_down)
+            out = (y, gate, up) if with_residuals else (y,)
+            return tuple(a.reshape(E * C, -1)[dest_M] for a in out)
+        return run
+
+    def tiled(x_MxD):
+        dest_M, tile_expert_N, tile_count_E, num_tiles = _tile_layout(group_sizes_E, M, tile)
+        x_tiles = _scatter_rows(x_MxD, dest_M, num_tiles * tile).reshape(num_tiles, tile, D)
+        out = _tiled_swiglu_loop(x_tiles, tile_expert_N, tile_count_E, w_gate, w_up, w_down)
+        out = out if with_residuals else out[:1]
+        return tuple(a.reshape(num_tiles * tile, -1)[dest_M] for a in out)
+
+    return jax.lax.switch(_bucket_index(group_sizes_E, buckets), [batched(C) for C in buckets] + [tiled], x_MxD)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _bucketed_swiglu(x_MxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, tile):
+    return _bucketed_swiglu_run(x_MxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, tile, False)[0]
+
+
+def _bucketed_swiglu_fwd(x_MxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, tile):
+    y, gate, up = _bucketed_swiglu_run(x_MxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, tile, True)
+    # Saved in sorted-row order, whichever branch ran, so the residuals do not depend on the bucket.
+    return y, (x_MxD, gate, up, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
+
+
+def _bucketed_swiglu_bwd(tile, res, dy_MxD):
+    x_MxD, gate_MxF, up_MxF, group_sizes_E, w_gate, w_up, w_down = res
+    M, D = x_MxD.shape
+    E = w_gate.shape[0]
+    dy_MxD = dy_MxD.astype(x_MxD.dtype)
+    buckets = capacity_buckets(M, E)
+    f32_einsum = lambda spec, a, b: jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+    def batched(C):
+        def run(x_MxD, gate_MxF, up_MxF, dy_MxD):
+            dest_M = _bucket_rows(group_sizes_E, M, C)
+            x, gate, up, dy = (_scatter_rows(a, dest_M, E * C).reshape(E, C, -1)
+                               for a in (x_MxD, gate_MxF, up_MxF, dy_MxD))
+            sig = jax.nn.sigmoid(gate)
+            act = gate * sig
+            dh = jnp.einsum("ecd,efd->ecf", dy, w_down)
+            d_up = dh * act
+            d_gate = dh * up * sig * (1 + gate * (1 - sig))  # d silu(g)/dg = sig(g) (1 + g (1 - sig(g)))
+            dx = jnp.einsum("ecf,edf->ecd", d_gate, w_gate) + jnp.einsum("ecf,edf->ecd", d_up, w_up)
+            # Empty slots hold zeros in x and dy, so they add nothing to the weight gradients.
+            return (dx.reshape(E * C, D)[dest_M], f32_einsum("ecd,ecf->edf", x, d_gate),
+                    f32_einsum("ecd,ecf->edf", x, d_up), f32_einsum("ecf,ecd->efd", act * up, dy))
+        return run
+
+    def tiled(x_MxD, gate_MxF, up_MxF, dy_MxD):
+        dest_M, tile_expert_N, tile_count_E, num_tiles = _tile_layout(group_sizes_E, M, tile)
+        to_tiles = lambda a: _scatter_rows(a, dest_M, num_tiles * tile).reshape(num_tiles, tile, -1)
+        res_tiles = (to_tiles(x_MxD), to_tiles(gate_MxF), to_tiles(up_MxF), tile_expert_N, tile_count_E,
+                     w_gate, w_up, w_down)
+        dx, _, _, dwg, dwu, dwd = _tiled_swiglu_bwd(res_tiles, to_tiles(dy_MxD))
+        return dx.reshape(num_tiles * tile, D)[dest_M], dwg, dwu, dwd
+
+    dx, dwg, dwu, dwd = jax.lax.switch(_bucket_index(group_sizes_E, buckets),
+                                       [batched(C) for C in buckets] + [tiled], x_MxD, gate_MxF, up_MxF, dy_MxD)
+    return dx, None, dwg.astype(w_gate.dtype), dwu.astype(w_up.dtype), dwd.astype(w_down.dtype)
+
+
+_bucketed_swiglu.defvjp(_bucketed_swiglu_fwd, _bucketed_swiglu_bwd)
+
+
 def default_grouped_impl() -> str:
-    return "tiled" if jax.default_backend() == "cpu" else "ragged_dot"
+    return "bucketed" if jax.default_backend() == "cpu" else "ragged_dot"
 
 
 def moe_dropless(x_TxD, weights_TxK, experts_TxK, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, *,
@@ -161,11 +274,14 @@ def moe_dropless(x_TxD, weights_TxK, experts_TxK, w_gate_ExDxF, w_up_ExDxF, w_do
     group_sizes_E = jnp.bincount(flat_expert_M, length=E).astype(jnp.int32)
     if impl == "ragged_dot":
         y_sorted = _grouped_swiglu_ragged(x_sorted_MxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
+    elif impl == "bucketed":
+        y_sorted = _bucketed_swiglu(x_sorted_MxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD,
+                                    _small_tile(x_sorted_MxD.shape[0], E, tile))
     elif impl == "tiled":
         y_sorted = _grouped_swiglu_tiled(x_sorted_MxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD,
                                          tile)
     else:
-        raise ValueError(f"unknown grouped matmul impl {impl!r}; use 'auto', 'ragged_dot' or 'tiled'")
+        raise ValueError(f"unknown grouped matmul impl {impl!r}; use 'auto', 'ragged_dot', 'bucketed' or 'tiled'")
     weight_M = weights_TxK.reshape(-1)[order_M].astype(jnp.float32)
     y_weighted = y_sorted.astype(jnp.float32) * weight_M[:, None]
     out_TxD = jnp.zeros((T, D), jnp.float32).at[token_of_M].add(y_weighted)
