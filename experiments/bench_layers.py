@@ -20,6 +20,7 @@ _BATCH = flags.DEFINE_integer("batch", 1, "batch size")
 _SEQ = flags.DEFINE_integer("seq", 128, "sequence length")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "untimed calls")
 _REPEATS = flags.DEFINE_integer("repeats", 9, "timed calls")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "worker runs per side, alternating jax / torch; the median round is shown")
 _WORKER = flags.DEFINE_enum("worker", None, ["jax", "torch"], "internal: run one framework and print RESULT")
 
 MODULES = ("moe", "lightning", "softmax")
@@ -105,13 +106,17 @@ def main(argv):
         result = (_run_jax if _WORKER.value == "jax" else _run_torch)(cfg, B, L)
         bench_worker.emit(result)
         return
-    results = {framework: bench_worker.run(__file__, [f"--worker={framework}", f"--preset={_PRESET.value}",
-                                                      f"--batch={B}", f"--seq={L}", f"--warmup={_WARMUP.value}",
-                                                      f"--repeats={_REPEATS.value}"], f"{framework} worker")
-               for framework in ("jax", "torch")}
+    args = [f"--preset={_PRESET.value}", f"--batch={B}", f"--seq={L}", f"--warmup={_WARMUP.value}",
+            f"--repeats={_REPEATS.value}"]
+    rounds = bench_worker.run_rounds(__file__, {fw: [f"--worker={fw}", *args] for fw in ("jax", "torch")},
+                                     _ROUNDS.value, "bench_layers")
+    # Per module and column, the median over rounds of each round's median.
+    results = {fw: {name: [statistics.median(r[name][i] for r in runs) for i in (0, 1)] for name in MODULES}
+               for fw, runs in rounds.items()}
     counts = {"moe": cfg.num_layers, "lightning": list(cfg.layer_types).count(LIGHTNING),
               "softmax": list(cfg.layer_types).count(SOFTMAX)}
-    print(f"\n{_PRESET.value}, batch {B} x seq {L}, median of {_REPEATS.value} after {_WARMUP.value} warm-up calls\n")
+    print(f"\n{_PRESET.value}, batch {B} x seq {L}, median of {_REPEATS.value} after {_WARMUP.value} warm-up calls, "
+          f"median of {_ROUNDS.value} alternating rounds\n")
     print("| module (layers) | m1-jax fwd ms | m1-jax fwd+bwd ms | torch fwd ms | torch fwd+bwd ms |")
     print("|---|---:|---:|---:|---:|")
     for name in MODULES:

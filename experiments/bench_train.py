@@ -1,6 +1,6 @@
 """Train-step throughput and peak memory: m1-jax vs transformers' PyTorch MiniMax, same config and batch.
 
-  python experiments/bench_train.py --presets=tiny,cpu-100m --batch=2 --seq=256 --repeats=5
+  python experiments/bench_train.py --presets=tiny,cpu-100m --batch=2 --seq=256 --repeats=5 --rounds=3
 
 Each (framework, preset) runs in its own subprocess so peak RSS is its own. One step = forward +
 backward + AdamW update (MoE aux loss included on both sides). PyTorch uses attn_implementation="sdpa"
@@ -22,6 +22,7 @@ _BATCH = flags.DEFINE_integer("batch", 2, "sequences per step")
 _SEQ = flags.DEFINE_integer("seq", 256, "tokens per sequence")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "untimed steps (JAX: includes compilation)")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "timed steps; the median is reported")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "worker runs per side, alternating jax / torch; medians pool all rounds")
 _THREADS = flags.DEFINE_integer("threads", 0, "torch intra-op threads (0: torch's default)")
 _WORKER = flags.DEFINE_string("worker", None, "internal: 'jax:PRESET' or 'torch:PRESET'")
 
@@ -114,23 +115,29 @@ def main(argv):
     from m1_jax.config import get_config
     from m1_jax.model import count_params
 
-    rows = []
+    rows, ratios = [], {}
     for preset in _PRESETS.value:
         n = count_params(get_config(preset))
-        res = {framework: bench_worker.run(__file__, [f"--worker={framework}:{preset}", f"--batch={B}", f"--seq={L}",
-                                                      f"--warmup={W}", f"--repeats={R}", f"--threads={_THREADS.value}"],
-                                           f"{framework}:{preset}")
-               for framework in ("jax", "torch")}
+        args = [f"--batch={B}", f"--seq={L}", f"--warmup={W}", f"--repeats={R}", f"--threads={_THREADS.value}"]
+        res = bench_worker.run_rounds(__file__, {fw: [f"--worker={fw}:{preset}", *args] for fw in ("jax", "torch")},
+                                      _ROUNDS.value, preset)
+        round_ms = {fw: [statistics.median(r["times"]) * 1e3 for r in res[fw]] for fw in res}
+        ratios[preset] = [t / j for j, t in zip(round_ms["jax"], round_ms["torch"])]
         for framework in ("jax", "torch"):
-            r = res[framework]
-            med = statistics.median(r["times"])
-            rows.append((preset, f"{n['total'] / 1e6:.1f}M", framework, B * L / med, med * 1e3, r["peak_mb"], r["loss"]))
-    print(f"\nbatch {B} x seq {L}, warm-up {W}, median of {R} steps, CPU ({os.cpu_count()} cores)\n")
+            runs = res[framework]
+            med = statistics.median([t for r in runs for t in r["times"]])
+            rows.append((preset, f"{n['total'] / 1e6:.1f}M", framework, B * L / med, med * 1e3,
+                         max(r["peak_mb"] for r in runs), runs[-1]["loss"]))
+    print(f"\nbatch {B} x seq {L}, warm-up {W}, median of {R} steps x {_ROUNDS.value} alternating rounds, "
+          f"CPU ({os.cpu_count()} cores)\n")
     print("| preset | params | framework | tokens/s | step ms (median) | peak RSS growth MB | last loss |")
     print("|---|---|---|---|---|---|---|")
     for preset, params, fw, tps, ms, mb, loss in rows:
         name = "m1-jax (jit)" if fw == "jax" else "transformers MiniMax (sdpa)"
         print(f"| {preset} | {params} | {name} | {tps:,.0f} | {ms:,.1f} | {mb:,.0f} | {loss:.3f} |")
+    print()
+    for preset, r in ratios.items():
+        print(f"{preset}: torch step / m1-jax step in each round: " + ", ".join(f"{x:.2f}" for x in r))
 
 
 if __name__ == "__main__":
