@@ -31,8 +31,11 @@ class LightningAttention(nn.Module):
         w_out = param(self, "out_proj", (H, Dh, D), ("heads", "head_dim", "embed"), init, pdtype)
 
         x = x_BxLxD.astype(dtype)
-        qkv_BxLxHx3K = jax.nn.silu(jnp.einsum("bld,dhk->blhk", x, w_qkv.astype(dtype)))
-        q, k, v = jnp.split(qkv_BxLxHx3K, 3, axis=-1)
+        B, L = x.shape[:2]
+        # [B, L, H, 3, K] and an index per part, not jnp.split of the last axis: XLA:CPU runs the projection's
+        # fwd+bwd 1.6x faster this way (WORKSPACE 6.3).
+        qkv_BxLxHx3xK = jnp.einsum("bld,dhk->blhk", x, w_qkv.astype(dtype)).reshape(B, L, H, 3, Dh)
+        q, k, v = (jax.nn.silu(qkv_BxLxHx3xK[:, :, :, i]) for i in range(3))
         q, k, v = (nn.with_logical_constraint(t, ("batch", "length", "heads", "head_dim")) for t in (q, k, v))
         new_state = None
         if state_BxHxKxV is not None and x.shape[1] == 1:  # decoding: one recurrent step
@@ -43,7 +46,6 @@ class LightningAttention(nn.Module):
                                       return_final_state=return_state, block_size=cfg.block_size,
                                       segment_ids=segment_ids_BxL)
             o_BxLxHxV, new_state = out if return_state else (out, None)
-        B, L = x.shape[:2]
         # RMSNorm jointly over all heads' channels (not per head), eps 1e-6 as in the official code.
         o_BxLxF = rms_norm(o_BxLxHxV.astype(dtype).reshape(B, L, H * Dh), w_norm.reshape(H * Dh),
                            cfg.lightning_norm_eps)

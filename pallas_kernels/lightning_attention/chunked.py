@@ -4,7 +4,8 @@ Per block of C tokens with local positions i, j in [0, C) and m <= C valid token
   O   = ((Q K^T) * D) V + (Q * exp(-lambda (i + 1))) S_prev,      D_ij = exp(-lambda (i - j)) for j <= i
   S   = exp(-lambda m) S_prev + (K * exp(-lambda (m - 1 - j)))^T V
 The state is carried by `lax.scan` over blocks; each block is `jax.checkpoint`ed so the backward keeps only the
-block inputs and the carried state (N / C states of [B, H, K, V] float32).
+block inputs and the carried state (N / C states of [B, H, K, V] float32). A single block (N <= C) is not
+checkpointed: its intermediates are the whole working set anyway.
 
 Segments (sequence packing): the carry also holds the segment id of the previous block's last token. Query i
 sees S_prev only if it is in that segment; the new state keeps S_prev only if the block's last token is still in
@@ -89,7 +90,9 @@ def lightning_attention_chunked(q_BxNxHxK, k_BxNxHxK, v_BxNxHxV, decay_H, initia
         return jnp.moveaxis(x.reshape((B, nb, C) + x.shape[2:]), 1, 0)
 
     m_nb = jnp.full((nb,), C, jnp.int32).at[-1].set(C - pad)
-    step = jax.checkpoint(functools.partial(_block_step, lam_H=lam_H))
+    step = functools.partial(_block_step, lam_H=lam_H)
+    if nb > 1:  # with one block there is nothing to save by recomputing it in the backward
+        step = jax.checkpoint(step)
     (final_state, _), o_nbxBxCxHxV = lax.scan(step, (state0, seg[:, 0]), (blocks(q), blocks(k), blocks(v), blocks(seg), m_nb))
     o = jnp.moveaxis(o_nbxBxCxHxV, 0, 1).reshape(B, nb * C, H, V)[:, :N]
     return o.astype(v_BxNxHxV.dtype), final_state
