@@ -153,7 +153,7 @@ def _grouped_swiglu_tiled(x_MxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down
 
 
 # Capacities tried, as multiples of the mean group size M / E; beyond the last one "tiled" runs instead.
-CAPACITY_RATIOS = (1.0, 1.25, 1.5, 2.0)
+CAPACITY_RATIOS = (1.0, 1.125, 1.25, 1.5, 2.0)
 
 
 def capacity_buckets(M: int, E: int) -> tuple[int, ...]:
