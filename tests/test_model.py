@@ -58,7 +58,7 @@ def _numpy_attention(q, k, v, seg, scale):
     return out
 
 
-@pytest.mark.parametrize("L, bq, bk", [(37, 8, 16), (64, 16, 16), (5, 512, 512)])
+@pytest.mark.parametrize("L, bq, bk", [(37, 8, 16), (64, 16, 16), (5, 512, 512), (48, 64, 16)])
 def test_blockwise_attention_against_numpy(L, bq, bk):
     rng = RNG(L)
     B, H, K, D = 2, 4, 2, 8
@@ -92,9 +92,11 @@ def _dense_attention(q, k, v, seg, scale):
 
 
 @pytest.mark.parametrize("L, bq, bk, segments", [(37, 8, 16, True), (40, 16, 8, True), (64, 16, 16, True),
-                                                  (64, 16, 8, False), (64, 8, 16, False)])
+                                                  (64, 16, 8, False), (64, 8, 16, False), (37, 64, 16, True),
+                                                  (64, 64, 16, False)])
 def test_blockwise_attention_gradients_against_dense(L, bq, bk, segments):
-    """Outputs and gradients; without segments and padding, interior tiles take the unmasked path."""
+    """Outputs and gradients; without segments and padding, interior tiles take the unmasked path; L <= bq is
+    one query block (the plain masked softmax)."""
     rng = RNG(100 + L)
     B, H, K, D = 2, 4, 2, 8
     q, k, v = (jnp.asarray(rng.standard_normal((B, L, n, D)), jnp.float32) for n in (H, K, K))
