@@ -84,6 +84,9 @@ class ModelConfig:
     lightning_impl: str = "auto"
     # Rematerialise each scanned layer group in the backward pass ("none" | "full" | "dots").
     remat_policy: str = "full"
+    # Layer groups per iteration of the scan over groups: 1 keeps the compiled model one group long (fast
+    # compiles at 80 layers); num_groups unrolls it (the tiny preset: 1.5x faster fwd+bwd on XLA:CPU).
+    scan_unroll: int = 1
 
     def __post_init__(self):
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
@@ -121,6 +124,8 @@ class ModelConfig:
             bad(f"lightning_impl must be auto|chunked|reference|pallas_gpu|pallas_tpu, got {self.lightning_impl!r}")
         if self.remat_policy not in ("none", "full", "dots"):
             bad(f"remat_policy must be 'none', 'full' or 'dots', got {self.remat_policy!r}")
+        if not (isinstance(self.scan_unroll, int) and self.scan_unroll >= 1):
+            bad(f"scan_unroll must be an int >= 1, got {self.scan_unroll!r}")
         if self.router_aux_loss_coef < 0 or self.router_jitter_noise < 0:
             bad("router_aux_loss_coef and router_jitter_noise must be >= 0")
         if self.moe_impl not in MOE_IMPLS:
@@ -339,7 +344,7 @@ def _tiny() -> ModelConfig:
             layer_types=_hybrid_types(4, period=2), rotary_dim=8, rope_theta=10_000.0,
             max_position_embeddings=65_536, lightning_alpha=(2 * 4) ** 0.25, softmax_alpha=(2 * 4) ** 0.25,
             mlp_alpha=(2 * 4) ** 0.25, block_size=64, num_experts=4, num_experts_per_tok=2, expert_dim=128,
-            dtype="float32", attention_block_q=256, attention_block_kv=128, remat_policy="none")
+            dtype="float32", attention_block_q=256, attention_block_kv=128, remat_policy="none", scan_unroll=2)
 
 
 def _cpu_100m() -> ModelConfig:
