@@ -60,6 +60,18 @@ def _grouped_swiglu_ragged(x_MxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_dow
     return jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down_ExFxD, group_sizes_E)
 
 
+def _row_groups(group_sizes_E, M: int):
+    """For each expert-sorted row: (its expert, its index within that expert's group)."""
+    ends_E = jnp.cumsum(group_sizes_E)
+    expert_M = jnp.searchsorted(ends_E, jnp.arange(M), side="right")  # < E, since ends_E[-1] = M
+    return expert_M, jnp.arange(M) - (ends_E - group_sizes_E)[expert_M]
+
+
+def _scatter_rows(a_MxX, dest_M, num_rows: int):
+    """Rows of a placed at dest (1-D row indices: XLA:CPU scatters and gathers whole rows fastest)."""
+    return jnp.zeros((num_rows, a_MxX.shape[-1]), a_MxX.dtype).at[dest_M].set(a_MxX)
+
+
 def _tile_layout(group_sizes_E, M: int, tile: int):
     """Each expert's rows padded to whole tiles: (dest row of each sorted row, expert of each tile, tiles per
     expert, static tile count).
@@ -70,13 +82,20 @@ def _tile_layout(group_sizes_E, M: int, tile: int):
     E = group_sizes_E.shape[0]
     padded_sizes_E = -(-group_sizes_E // tile) * tile
     padded_ends_E = jnp.cumsum(padded_sizes_E)
-    ends_E = jnp.cumsum(group_sizes_E)
     num_tiles = -(-(M + E * (tile - 1)) // tile)
-    row_expert_M = jnp.searchsorted(ends_E, jnp.arange(M), side="right")
-    dest_M = (padded_ends_E - padded_sizes_E)[row_expert_M] + jnp.arange(M) - (ends_E - group_sizes_E)[row_expert_M]
+    expert_M, index_in_group_M = _row_groups(group_sizes_E, M)
+    dest_M = (padded_ends_E - padded_sizes_E)[expert_M] + index_in_group_M
     tile_expert_N = jnp.searchsorted(padded_ends_E, jnp.arange(num_tiles) * tile, side="right")
     tile_expert_N = jnp.minimum(tile_expert_N, E - 1)
     return dest_M, tile_expert_N, padded_sizes_E // tile, num_tiles
+
+
+def _swiglu_grads(gate, up, dh):
+    """Backward of h = silu(gate) * up given dh: (d_gate, d_up, h)."""
+    sig = jax.nn.sigmoid(gate)
+    act = gate * sig
+    d_gate = dh * up * sig * (1 + gate * (1 - sig))  # d silu(g)/dg = sig(g) (1 + g (1 - sig(g)))
+    return d_gate, dh * act, act * up
 
 
 def _tiled_swiglu_loop(x_NxtxD, tile_expert_N, tile_count_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD):
@@ -119,14 +138,10 @@ def _tiled_swiglu_bwd(res, dy_NxtxD):
         dx_NxtxD, dw_gate, dw_up, dw_down = carry
         e = tile_expert_N[i]
         x, gate, up, dy = x_NxtxD[i], gate_NxtxF[i], up_NxtxF[i], dy_NxtxD[i].astype(dtype)
-        sig = jax.nn.sigmoid(gate)
-        act = gate * sig
-        dh = dy @ w_down[e].T
-        d_up = dh * act
-        d_gate = dh * up * sig * (1 + gate * (1 - sig))  # d silu(g)/dg = sig(g) (1 + g (1 - sig(g)))
+        d_gate, d_up, h = _swiglu_grads(gate, up, dy @ w_down[e].T)
         dx = d_gate @ w_gate[e].T + d_up @ w_up[e].T
         return (dx_NxtxD.at[i].set(dx), dw_gate.at[e].add(f32_xt_dot(x, d_gate)),
-                dw_up.at[e].add(f32_xt_dot(x, d_up)), dw_down.at[e].add(f32_xt_dot(act * up, dy)))
+                dw_up.at[e].add(f32_xt_dot(x, d_up)), dw_down.at[e].add(f32_xt_dot(h, dy)))
 
     zeros_f32 = lambda w: jnp.zeros(w.shape, jnp.float32)
     init = (jnp.zeros_like(x_NxtxD), zeros_f32(w_gate), zeros_f32(w_up), zeros_f32(w_down))
@@ -146,8 +161,8 @@ def _grouped_swiglu_tiled(x_MxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down
     M, D = x_MxD.shape
     tile = _small_tile(M, group_sizes_E.shape[0], tile)
     dest_M, tile_expert_N, tile_count_E, num_tiles = _tile_layout(group_sizes_E, M, tile)
-    x_pad = jnp.zeros((num_tiles * tile, D), x_MxD.dtype).at[dest_M].set(x_MxD)
-    y_pad = _tiled_swiglu(x_pad.reshape(num_tiles, tile, D), tile_expert_N, tile_count_E, w_gate_ExDxF, w_up_ExDxF,
+    x_tiles = _scatter_rows(x_MxD, dest_M, num_tiles * tile).reshape(num_tiles, tile, D)
+    y_pad = _tiled_swiglu(x_tiles, tile_expert_N, tile_count_E, w_gate_ExDxF, w_up_ExDxF,
                           w_down_ExFxD)
     return y_pad.reshape(num_tiles * tile, -1)[dest_M]
 
@@ -163,19 +178,13 @@ def capacity_buckets(M: int, E: int) -> tuple[int, ...]:
 
 def _bucket_rows(group_sizes_E, M: int, C: int):
     """Row of [E * C, .] that each expert-sorted row goes to: row m of group e lands at e * C + (m - start_e)."""
-    ends_E = jnp.cumsum(group_sizes_E)
-    expert_M = jnp.minimum(jnp.searchsorted(ends_E, jnp.arange(M), side="right"), group_sizes_E.shape[0] - 1)
-    return expert_M * C + jnp.arange(M) - (ends_E - group_sizes_E)[expert_M]
+    expert_M, index_in_group_M = _row_groups(group_sizes_E, M)
+    return expert_M * C + index_in_group_M
 
 
 def _bucket_index(group_sizes_E, buckets):
     """Index of the smallest bucket that holds the largest group; len(buckets) means "tiled"."""
     return jnp.searchsorted(jnp.asarray(buckets, jnp.int32), jnp.max(group_sizes_E), side="left")
-
-
-def _scatter_rows(a_MxX, dest_M, num_rows: int):
-    """Rows of a placed at dest (1-D row indices: XLA:CPU scatters and gathers whole rows fastest)."""
-    return jnp.zeros((num_rows, a_MxX.shape[-1]), a_MxX.dtype).at[dest_M].set(a_MxX)
 
 
 def _bucketed_swiglu_run(x_MxD, group_sizes_E, w_gate, w_up, w_down, tile, with_residuals: bool):
@@ -229,15 +238,11 @@ def _bucketed_swiglu_bwd(tile, res, dy_MxD):
             dest_M = _bucket_rows(group_sizes_E, M, C)
             x, gate, up, dy = (_scatter_rows(a, dest_M, E * C).reshape(E, C, -1)
                                for a in (x_MxD, gate_MxF, up_MxF, dy_MxD))
-            sig = jax.nn.sigmoid(gate)
-            act = gate * sig
-            dh = jnp.einsum("ecd,efd->ecf", dy, w_down)
-            d_up = dh * act
-            d_gate = dh * up * sig * (1 + gate * (1 - sig))  # d silu(g)/dg = sig(g) (1 + g (1 - sig(g)))
+            d_gate, d_up, h = _swiglu_grads(gate, up, jnp.einsum("ecd,efd->ecf", dy, w_down))
             dx = jnp.einsum("ecf,edf->ecd", d_gate, w_gate) + jnp.einsum("ecf,edf->ecd", d_up, w_up)
             # Empty slots hold zeros in x and dy, so they add nothing to the weight gradients.
             return (dx.reshape(E * C, D)[dest_M], f32_einsum("ecd,ecf->edf", x, d_gate),
-                    f32_einsum("ecd,ecf->edf", x, d_up), f32_einsum("ecf,ecd->efd", act * up, dy))
+                    f32_einsum("ecd,ecf->edf", x, d_up), f32_einsum("ecf,ecd->efd", h, dy))
         return run
 
     def tiled(x_MxD, gate_MxF, up_MxF, dy_MxD):
