@@ -124,15 +124,17 @@ def _moe_dense_loop(x, weights, experts, wg, wu, wd):
     return out
 
 
-def _check_moe_impl(impl, x, weights, experts, wg, wu, wd):
+def _check_moe_impl(impl, x, weights, experts, wg, wu, wd, **kwargs):
     """Forward against the float64 loop; gradients (tokens, every expert weight) against autodiff of ragged_dot."""
     f32 = lambda a: jnp.asarray(a, jnp.float32)
     w_, e_ = f32(weights), jnp.asarray(experts, jnp.int32)
-    out = jax.jit(lambda *a: moe_dropless(a[0], w_, e_, *a[1:], impl=impl, tile=8))(f32(x), f32(wg), f32(wu), f32(wd))
+    out = jax.jit(lambda *a: moe_dropless(a[0], w_, e_, *a[1:], impl=impl, tile=8, **kwargs))(
+            f32(x), f32(wg), f32(wu), f32(wd))
     np.testing.assert_allclose(np.asarray(out), _moe_dense_loop(x, weights, experts, wg, wu, wd), rtol=1e-4, atol=1e-4)
 
     def loss(x_, wg_, wu_, wd_, impl_):
-        return jnp.sum(moe_dropless(x_, w_, e_, wg_, wu_, wd_, impl=impl_, tile=8) ** 2)
+        kw = kwargs if impl_ == impl else {}
+        return jnp.sum(moe_dropless(x_, w_, e_, wg_, wu_, wd_, impl=impl_, tile=8, **kw) ** 2)
 
     grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)), static_argnums=4)
     args = [f32(a) for a in (x, wg, wu, wd)]
@@ -157,20 +159,24 @@ def test_moe_dropless_against_dense_loop(impl):
 
 
 @pytest.mark.parametrize("crowded", [0, 12, 40, 128])
-def test_moe_bucketed_every_capacity_branch(crowded):
-    """From even routing (smallest capacity) to every token on one expert pair (beyond the largest capacity:
-    the tiled fallback); the test first checks which branch its routing selects."""
+def test_moe_bucketed_every_capacity(crowded):
+    """From even routing to every token on one expert pair, each static capacity forced in turn, so rows run
+    in the batched slots only, in overflow tiles only (C = 0), and split between the two."""
     rng = RNG(11 + crowded)
     T, D, F, E, k = 128, 8, 16, 8, 2
     x, (wg, wu, wd) = _moe_problem(rng, T, D, F, E)
     # Balanced: token t takes experts t % E and (t + 1) % E, 32 rows each; then `crowded` tokens move to (0, 1).
     experts = np.stack([np.arange(T) % E, (np.arange(T) + 1) % E], axis=1)
     experts[:crowded] = [0, 1]
-    buckets = moe_lib.capacity_buckets(T * k, E)
-    branch = int(np.searchsorted(buckets, np.bincount(experts.ravel(), minlength=E).max()))
-    assert buckets == (32, 40, 48, 64)
-    assert branch == {0: 0, 12: 2, 40: 3, 128: 4}[crowded], branch
-    _check_moe_impl("bucketed", x, rng.uniform(0.1, 1, (T, k)), experts, wg, wu, wd)
+    capacities = moe_lib.capacity_buckets(T * k, E)
+    assert capacities == (0, 24, 32, 40, 48)  # ratios 0, 0.75, 1, 1.125 and 1.25 (= 1.5 rounded up to 8) x 32
+    weights = rng.uniform(0.1, 1, (T, k))
+    for C in capacities:
+        _check_moe_impl("bucketed", x, weights, experts, wg, wu, wd, capacities=(C,))
+    group_sizes = np.bincount(experts.ravel(), minlength=E)
+    branch = int(moe_lib._pick_capacity(jnp.asarray(group_sizes), capacities, 8))
+    if crowded == 0:  # every group is 32 rows: C = 32 is no padding and no tiles
+        assert capacities[branch] == 32
 
 
 def test_aux_loss_by_hand():

@@ -2,15 +2,16 @@
 
 Dropless dispatch sorts the token copies by expert so each expert's rows are contiguous, then runs a
 grouped matmul. `lax.ragged_dot` is the grouped matmul on GPU/TPU; XLA:CPU lowers it to a dense masked
-product over every expert (E times the work), so the CPU default is "bucketed": every expert's rows are
-padded to one shared capacity C >= the largest group, picked at run time from a few static sizes
-(`capacity_buckets`), and the experts run as one batched matmul over [E, C, .]; when the routing is too
-uneven for the largest bucket it falls back to "tiled" (each group padded to whole row tiles, one small
-matmul per used tile). All compute the same thing; no row is ever dropped.
+product over every expert (E times the work), so the CPU default is "bucketed": the first C rows of every
+expert run as one batched matmul over [E, C, .], and the rows beyond C run as a loop over tiles of
+consecutive sorted rows, one expert per tile. C is picked at run time from a few static sizes
+(`capacity_buckets`, 0 included) to minimise the padded work, so a crowded expert no longer pads every
+other expert to its size. "tiled" is the same with C = 0. All compute the same thing; no row is ever dropped.
 """
 
 import functools
 import math
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -67,29 +68,6 @@ def _row_groups(group_sizes_E, M: int):
     return expert_M, jnp.arange(M) - (ends_E - group_sizes_E)[expert_M]
 
 
-def _scatter_rows(a_MxX, dest_M, num_rows: int):
-    """Rows of a placed at dest (1-D row indices: XLA:CPU scatters and gathers whole rows fastest)."""
-    return jnp.zeros((num_rows, a_MxX.shape[-1]), a_MxX.dtype).at[dest_M].set(a_MxX)
-
-
-def _tile_layout(group_sizes_E, M: int, tile: int):
-    """Each expert's rows padded to whole tiles: (dest row of each sorted row, expert of each tile, tiles per
-    expert, static tile count).
-
-    The tile count is a static worst case (every group ending one row into a tile); tiles past the used
-    ones are skipped at run time.
-    """
-    E = group_sizes_E.shape[0]
-    padded_sizes_E = -(-group_sizes_E // tile) * tile
-    padded_ends_E = jnp.cumsum(padded_sizes_E)
-    num_tiles = -(-(M + E * (tile - 1)) // tile)
-    expert_M, index_in_group_M = _row_groups(group_sizes_E, M)
-    dest_M = (padded_ends_E - padded_sizes_E)[expert_M] + index_in_group_M
-    tile_expert_N = jnp.searchsorted(padded_ends_E, jnp.arange(num_tiles) * tile, side="right")
-    tile_expert_N = jnp.minimum(tile_expert_N, E - 1)
-    return dest_M, tile_expert_N, padded_sizes_E // tile, num_tiles
-
-
 def _swiglu_grads(gate, up, dh):
     """Backward of h = silu(gate) * up given dh: (d_gate, d_up, h)."""
     sig = jax.nn.sigmoid(gate)
@@ -98,167 +76,177 @@ def _swiglu_grads(gate, up, dh):
     return d_gate, dh * act, act * up
 
 
-def _tiled_swiglu_loop(x_NxtxD, tile_expert_N, tile_count_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD):
-    """One SwiGLU chain per used tile on that tile's expert: (y, gate and up projections); unused tiles are 0."""
-    N, t, _ = x_NxtxD.shape
-    F, D_out = w_down_ExFxD.shape[1:]
-
-    def body(i, carry):
-        y_NxtxD, gate_NxtxF, up_NxtxF = carry
-        e = tile_expert_N[i]
-        gate, up = x_NxtxD[i] @ w_gate_ExDxF[e], x_NxtxD[i] @ w_up_ExDxF[e]
-        y = (jax.nn.silu(gate) * up) @ w_down_ExFxD[e]
-        return y_NxtxD.at[i].set(y), gate_NxtxF.at[i].set(gate), up_NxtxF.at[i].set(up)
-
-    dtype = x_NxtxD.dtype
-    init = (jnp.zeros((N, t, D_out), dtype), jnp.zeros((N, t, F), dtype), jnp.zeros((N, t, F), dtype))
-    return jax.lax.fori_loop(0, jnp.sum(tile_count_E), body, init)
-
-
-@jax.custom_vjp
-def _tiled_swiglu(x_NxtxD, tile_expert_N, tile_count_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD):
-    return _tiled_swiglu_loop(x_NxtxD, tile_expert_N, tile_count_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)[0]
-
-
-def _tiled_swiglu_fwd(x_NxtxD, tile_expert_N, tile_count_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD):
-    y, gate, up = _tiled_swiglu_loop(x_NxtxD, tile_expert_N, tile_count_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
-    return y, (x_NxtxD, gate, up, tile_expert_N, tile_count_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
-
-
-def _tiled_swiglu_bwd(res, dy_NxtxD):
-    # Hand-written: autodiff of the forward loop would carry a zero [E, D, F] weight gradient per tile into
-    # the loop's transpose. One loop over the used tiles adds each tile's weight gradient in place into its
-    # expert's slot of a float32 [E, D, F] accumulator and reuses the saved gate/up projections. (A scan over
-    # experts with an inner loop over each expert's tiles computed the same and ran 1.6-2x slower on XLA:CPU.)
-    x_NxtxD, gate_NxtxF, up_NxtxF, tile_expert_N, tile_count_E, w_gate, w_up, w_down = res
-    dtype = x_NxtxD.dtype
-    f32_xt_dot = lambda a, b: jnp.dot(a.T, b, preferred_element_type=jnp.float32)
-
-    def one_tile(i, carry):
-        dx_NxtxD, dw_gate, dw_up, dw_down = carry
-        e = tile_expert_N[i]
-        x, gate, up, dy = x_NxtxD[i], gate_NxtxF[i], up_NxtxF[i], dy_NxtxD[i].astype(dtype)
-        d_gate, d_up, h = _swiglu_grads(gate, up, dy @ w_down[e].T)
-        dx = d_gate @ w_gate[e].T + d_up @ w_up[e].T
-        return (dx_NxtxD.at[i].set(dx), dw_gate.at[e].add(f32_xt_dot(x, d_gate)),
-                dw_up.at[e].add(f32_xt_dot(x, d_up)), dw_down.at[e].add(f32_xt_dot(h, dy)))
-
-    zeros_f32 = lambda w: jnp.zeros(w.shape, jnp.float32)
-    init = (jnp.zeros_like(x_NxtxD), zeros_f32(w_gate), zeros_f32(w_up), zeros_f32(w_down))
-    dx, dwg, dwu, dwd = jax.lax.fori_loop(0, jnp.sum(tile_count_E), one_tile, init)
-    return (dx, None, None, dwg.astype(w_gate.dtype), dwu.astype(w_up.dtype), dwd.astype(w_down.dtype))
-
-
-_tiled_swiglu.defvjp(_tiled_swiglu_fwd, _tiled_swiglu_bwd)
-
-
 def _small_tile(M: int, E: int, tile: int) -> int:
     """Small batches get small tiles, so padding each group to a tile boundary does not dominate the work."""
     return min(tile, max(8, 1 << max(0, (M // E - 1).bit_length())))
 
 
-def _grouped_swiglu_tiled(x_MxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, tile: int):
-    M, D = x_MxD.shape
-    tile = _small_tile(M, group_sizes_E.shape[0], tile)
-    dest_M, tile_expert_N, tile_count_E, num_tiles = _tile_layout(group_sizes_E, M, tile)
-    x_tiles = _scatter_rows(x_MxD, dest_M, num_tiles * tile).reshape(num_tiles, tile, D)
-    y_pad = _tiled_swiglu(x_tiles, tile_expert_N, tile_count_E, w_gate_ExDxF, w_up_ExDxF,
-                          w_down_ExFxD)
-    return y_pad.reshape(num_tiles * tile, -1)[dest_M]
-
-
-# Capacities tried, as multiples of the mean group size M / E; beyond the last one "tiled" runs instead.
-CAPACITY_RATIOS = (1.0, 1.125, 1.25, 1.5, 2.0)
+# Per-expert capacities the batched part may use, as multiples of the mean group size M / E; 0 = tiles only.
+CAPACITY_RATIOS = (0.0, 0.75, 1.0, 1.125, 1.25, 1.5)
 
 
 def capacity_buckets(M: int, E: int) -> tuple[int, ...]:
-    """The static per-expert capacities of the "bucketed" grouped matmul: ratio * M / E rounded up to 8 rows."""
+    """The static capacities of the "bucketed" grouped matmul: ratio * M / E rounded up to 8 rows."""
     return tuple(sorted({min(M, 8 * math.ceil(M / E * r / 8)) for r in CAPACITY_RATIOS}))
 
 
-def _bucket_rows(group_sizes_E, M: int, C: int):
-    """Row of [E * C, .] that each expert-sorted row goes to: row m of group e lands at e * C + (m - start_e)."""
+def _pick_capacity(group_sizes_E, capacities, tile: int):
+    """Index of the capacity with the least estimated work: E * C batched rows, plus the rows beyond C of every
+    group in whole tiles, each tile row costing 1 + 32 / tile batched rows (a loop of small matmuls runs
+    slower per row: about 1.2x at 128-row tiles, 2x at 32 on XLA:CPU; WORKSPACE 6.3)."""
+    caps_C = jnp.asarray(capacities, jnp.int32)
+    overflow_CxE = jnp.maximum(group_sizes_E[None] - caps_C[:, None], 0)
+    tiles_C = jnp.sum(-(-overflow_CxE // tile), axis=1)
+    cost_C = group_sizes_E.shape[0] * caps_C + (tile + 32) * tiles_C
+    return jnp.argmin(cost_C)
+
+
+class _Layout(NamedTuple):
+    """Where each expert-sorted row is computed. Rows [0, C) of every group go to the batched [E, C] slots;
+    the rest of each group runs in tiles of `tile` consecutive sorted rows, one expert per tile (a tile may
+    run past its group's end; those rows are computed and thrown away). Row arrays carry P = M + tile rows so
+    that a tile starting on the last row still reads `tile` rows; the padding rows belong to no expert (E)."""
+
+    branch: jax.Array  # index of C in the static capacities (the lax.switch branch)
+    capacity: jax.Array  # C, int32 scalar
+    expert_P: jax.Array  # expert of each row; E for the padding rows
+    index_in_group_P: jax.Array  # position of each row within its group
+    group_starts_E: jax.Array  # first sorted row of each group
+    group_sizes_E: jax.Array
+    tile_starts_E: jax.Array  # first overflow tile of each expert; tile_ends_E[-1] tiles are used
+    tile_ends_E: jax.Array
+
+
+def _layout(group_sizes_E, M: int, capacities, tile: int) -> _Layout:
+    E = group_sizes_E.shape[0]
+    branch = _pick_capacity(group_sizes_E, capacities, tile)
+    capacity = jnp.asarray(capacities, jnp.int32)[branch]
     expert_M, index_in_group_M = _row_groups(group_sizes_E, M)
-    return expert_M * C + index_in_group_M
+    tiles_E = -(-jnp.maximum(group_sizes_E - capacity, 0) // tile)
+    tile_ends_E = jnp.cumsum(tiles_E)
+    return _Layout(branch, capacity, jnp.pad(expert_M, (0, tile), constant_values=E),
+                   jnp.pad(index_in_group_M, (0, tile)), jnp.cumsum(group_sizes_E) - group_sizes_E, group_sizes_E,
+                   tile_ends_E - tiles_E, tile_ends_E)
 
 
-def _bucket_index(group_sizes_E, buckets):
-    """Index of the smallest bucket that holds the largest group; len(buckets) means "tiled"."""
-    return jnp.searchsorted(jnp.asarray(buckets, jnp.int32), jnp.max(group_sizes_E), side="left")
+def _slot_rows(layout: _Layout, E: int, C: int):
+    """Slot of each padded row in the flattened [E, C] batch; E * C (out of range) for rows not batched."""
+    inside = (layout.index_in_group_P < C) & (layout.expert_P < E)
+    return jnp.where(inside, layout.expert_P * C + layout.index_in_group_P, E * C)
 
 
-def _bucketed_swiglu_run(x_MxD, group_sizes_E, w_gate, w_up, w_down, tile, with_residuals: bool):
-    """y (and the gate/up projections when with_residuals) in sorted-row order, from whichever branch fits."""
+def _to_slots(a_PxX, slot_P, E: int, C: int):
+    """Rows scattered to their [E, C] slots (1-D row indices: XLA:CPU moves whole rows fastest)."""
+    return jnp.zeros((E * C, a_PxX.shape[-1]), a_PxX.dtype).at[slot_P].set(a_PxX, mode="drop").reshape(E, C, -1)
+
+
+def _from_slots(a_ExCxX, slot_P):
+    """Back to row order; rows that were not batched read 0."""
+    return a_ExCxX.reshape(-1, a_ExCxX.shape[-1]).at[slot_P].get(mode="fill", fill_value=0)
+
+
+def _tile_rows(layout: _Layout, i, tile: int):
+    """Overflow tile i: (its expert, its first sorted row, which of its `tile` rows are in that expert's group)."""
+    e = jnp.searchsorted(layout.tile_ends_E, i, side="right")
+    row0 = layout.group_starts_E[e] + layout.capacity + (i - layout.tile_starts_E[e]) * tile
+    keep_t = jnp.arange(tile) < layout.group_starts_E[e] + layout.group_sizes_E[e] - row0
+    return e, row0, keep_t
+
+
+def _write_rows(a_PxX, new_txX, row0, keep_t):
+    """a with rows row0 .. row0 + t - 1 replaced by new where keep (the others belong to another expert)."""
+    old = jax.lax.dynamic_slice_in_dim(a_PxX, row0, new_txX.shape[0])
+    return jax.lax.dynamic_update_slice_in_dim(a_PxX, jnp.where(keep_t[:, None], new_txX, old), row0, axis=0)
+
+
+def _grouped_swiglu_run(x_MxD, group_sizes_E, w_gate, w_up, w_down, capacities, tile, with_residuals: bool):
+    """(y, and the gate/up projections when with_residuals) over P padded sorted rows, and x padded to P."""
     M, D = x_MxD.shape
-    E = w_gate.shape[0]
-    buckets = capacity_buckets(M, E)
+    E, _, F = w_gate.shape
+    layout = _layout(group_sizes_E, M, capacities, tile)
+    x_PxD = jnp.pad(x_MxD, ((0, tile), (0, 0)))
+    widths = (D, F, F) if with_residuals else (D,)
 
     def batched(C):
-        def run(x_MxD):
-            dest_M = _bucket_rows(group_sizes_E, M, C)
-            x_ExCxD = _scatter_rows(x_MxD, dest_M, E * C).reshape(E, C, D)
+        def run(x_PxD):
+            if C == 0:
+                return tuple(jnp.zeros((M + tile, width), x_PxD.dtype) for width in widths)
+            slot_P = _slot_rows(layout, E, C)
+            x_ExCxD = _to_slots(x_PxD, slot_P, E, C)
             gate = jnp.einsum("ecd,edf->ecf", x_ExCxD, w_gate)
             up = jnp.einsum("ecd,edf->ecf", x_ExCxD, w_up)
             y = jnp.einsum("ecf,efd->ecd", jax.nn.silu(gate) * up, w_down)
-            out = (y, gate, up) if with_residuals else (y,)
-            return tuple(a.reshape(E * C, -1)[dest_M] for a in out)
+            return tuple(_from_slots(a, slot_P) for a in (y, gate, up)[:len(widths)])
         return run
 
-    def tiled(x_MxD):
-        dest_M, tile_expert_N, tile_count_E, num_tiles = _tile_layout(group_sizes_E, M, tile)
-        x_tiles = _scatter_rows(x_MxD, dest_M, num_tiles * tile).reshape(num_tiles, tile, D)
-        out = _tiled_swiglu_loop(x_tiles, tile_expert_N, tile_count_E, w_gate, w_up, w_down)
-        out = out if with_residuals else out[:1]
-        return tuple(a.reshape(num_tiles * tile, -1)[dest_M] for a in out)
+    def one_tile(i, out):
+        e, row0, keep_t = _tile_rows(layout, i, tile)
+        x = jax.lax.dynamic_slice_in_dim(x_PxD, row0, tile)
+        gate, up = x @ w_gate[e], x @ w_up[e]
+        y = (jax.nn.silu(gate) * up) @ w_down[e]
+        return tuple(_write_rows(a, new, row0, keep_t) for a, new in zip(out, (y, gate, up)))
 
-    return jax.lax.switch(_bucket_index(group_sizes_E, buckets), [batched(C) for C in buckets] + [tiled], x_MxD)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _bucketed_swiglu(x_MxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, tile):
-    return _bucketed_swiglu_run(x_MxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, tile, False)[0]
+    out = jax.lax.switch(layout.branch, [batched(C) for C in capacities], x_PxD)
+    return jax.lax.fori_loop(0, layout.tile_ends_E[-1], one_tile, out), x_PxD
 
 
-def _bucketed_swiglu_fwd(x_MxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, tile):
-    y, gate, up = _bucketed_swiglu_run(x_MxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, tile, True)
-    # Saved in sorted-row order, whichever branch ran, so the residuals do not depend on the bucket.
-    return y, (x_MxD, gate, up, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _grouped_swiglu(x_MxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, capacities, tile):
+    (y_PxD,), _ = _grouped_swiglu_run(x_MxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, capacities,
+                                      tile, False)
+    return y_PxD[:x_MxD.shape[0]]
 
 
-def _bucketed_swiglu_bwd(tile, res, dy_MxD):
-    x_MxD, gate_MxF, up_MxF, group_sizes_E, w_gate, w_up, w_down = res
-    M, D = x_MxD.shape
+def _grouped_swiglu_fwd(x_MxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, capacities, tile):
+    (y_PxD, gate_PxF, up_PxF), x_PxD = _grouped_swiglu_run(x_MxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF,
+                                                           w_down_ExFxD, capacities, tile, True)
+    # Saved in sorted-row order, whichever capacity ran, so the residuals do not depend on the branch.
+    return y_PxD[:x_MxD.shape[0]], (x_PxD, gate_PxF, up_PxF, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
+
+
+def _grouped_swiglu_bwd(capacities, tile, res, dy_MxD):
+    # Hand-written: autodiff of the tile loop would carry a zero [E, D, F] weight gradient per tile into the
+    # loop's transpose. Here the batched part's weight gradients seed float32 accumulators that each tile adds
+    # its own into, in place, reusing the saved gate/up projections.
+    x_PxD, gate_PxF, up_PxF, group_sizes_E, w_gate, w_up, w_down = res
+    M, D = dy_MxD.shape
     E = w_gate.shape[0]
-    dy_MxD = dy_MxD.astype(x_MxD.dtype)
-    buckets = capacity_buckets(M, E)
+    layout = _layout(group_sizes_E, M, capacities, tile)
+    dy_PxD = jnp.pad(dy_MxD.astype(x_PxD.dtype), ((0, tile), (0, 0)))
     f32_einsum = lambda spec, a, b: jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+    zeros_f32 = lambda w: jnp.zeros(w.shape, jnp.float32)
 
     def batched(C):
-        def run(x_MxD, gate_MxF, up_MxF, dy_MxD):
-            dest_M = _bucket_rows(group_sizes_E, M, C)
-            x, gate, up, dy = (_scatter_rows(a, dest_M, E * C).reshape(E, C, -1)
-                               for a in (x_MxD, gate_MxF, up_MxF, dy_MxD))
+        def run(x_PxD, gate_PxF, up_PxF, dy_PxD):
+            if C == 0:
+                return jnp.zeros_like(x_PxD), zeros_f32(w_gate), zeros_f32(w_up), zeros_f32(w_down)
+            slot_P = _slot_rows(layout, E, C)
+            x, gate, up, dy = (_to_slots(a, slot_P, E, C) for a in (x_PxD, gate_PxF, up_PxF, dy_PxD))
             d_gate, d_up, h = _swiglu_grads(gate, up, jnp.einsum("ecd,efd->ecf", dy, w_down))
             dx = jnp.einsum("ecf,edf->ecd", d_gate, w_gate) + jnp.einsum("ecf,edf->ecd", d_up, w_up)
             # Empty slots hold zeros in x and dy, so they add nothing to the weight gradients.
-            return (dx.reshape(E * C, D)[dest_M], f32_einsum("ecd,ecf->edf", x, d_gate),
+            return (_from_slots(dx, slot_P), f32_einsum("ecd,ecf->edf", x, d_gate),
                     f32_einsum("ecd,ecf->edf", x, d_up), f32_einsum("ecf,ecd->efd", h, dy))
         return run
 
-    def tiled(x_MxD, gate_MxF, up_MxF, dy_MxD):
-        dest_M, tile_expert_N, tile_count_E, num_tiles = _tile_layout(group_sizes_E, M, tile)
-        to_tiles = lambda a: _scatter_rows(a, dest_M, num_tiles * tile).reshape(num_tiles, tile, -1)
-        res_tiles = (to_tiles(x_MxD), to_tiles(gate_MxF), to_tiles(up_MxF), tile_expert_N, tile_count_E,
-                     w_gate, w_up, w_down)
-        dx, _, _, dwg, dwu, dwd = _tiled_swiglu_bwd(res_tiles, to_tiles(dy_MxD))
-        return dx.reshape(num_tiles * tile, D)[dest_M], dwg, dwu, dwd
+    def one_tile(i, carry):
+        dx_PxD, dw_gate, dw_up, dw_down = carry
+        e, row0, keep_t = _tile_rows(layout, i, tile)
+        x, gate, up = (jax.lax.dynamic_slice_in_dim(a, row0, tile) for a in (x_PxD, gate_PxF, up_PxF))
+        # Rows past the group's end belong to another expert: a zero dy makes them add nothing here.
+        dy = jnp.where(keep_t[:, None], jax.lax.dynamic_slice_in_dim(dy_PxD, row0, tile), 0)
+        d_gate, d_up, h = _swiglu_grads(gate, up, dy @ w_down[e].T)
+        dx = d_gate @ w_gate[e].T + d_up @ w_up[e].T
+        f32_xt_dot = lambda a, b: jnp.dot(a.T, b, preferred_element_type=jnp.float32)
+        return (_write_rows(dx_PxD, dx, row0, keep_t), dw_gate.at[e].add(f32_xt_dot(x, d_gate)),
+                dw_up.at[e].add(f32_xt_dot(x, d_up)), dw_down.at[e].add(f32_xt_dot(h, dy)))
 
-    dx, dwg, dwu, dwd = jax.lax.switch(_bucket_index(group_sizes_E, buckets),
-                                       [batched(C) for C in buckets] + [tiled], x_MxD, gate_MxF, up_MxF, dy_MxD)
-    return dx, None, dwg.astype(w_gate.dtype), dwu.astype(w_up.dtype), dwd.astype(w_down.dtype)
+    carry = jax.lax.switch(layout.branch, [batched(C) for C in capacities], x_PxD, gate_PxF, up_PxF, dy_PxD)
+    dx_PxD, dwg, dwu, dwd = jax.lax.fori_loop(0, layout.tile_ends_E[-1], one_tile, carry)
+    return dx_PxD[:M], None, dwg.astype(w_gate.dtype), dwu.astype(w_up.dtype), dwd.astype(w_down.dtype)
 
 
-_bucketed_swiglu.defvjp(_bucketed_swiglu_fwd, _bucketed_swiglu_bwd)
+_grouped_swiglu.defvjp(_grouped_swiglu_fwd, _grouped_swiglu_bwd)
 
 
 def default_grouped_impl() -> str:
@@ -266,8 +254,12 @@ def default_grouped_impl() -> str:
 
 
 def moe_dropless(x_TxD, weights_TxK, experts_TxK, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, *,
-                 impl: str = "auto", tile: int = 128):
-    """sum_k weights[t,k] * expert_{experts[t,k]}(x[t]), every token kept (no capacity, no drops)."""
+                 impl: str = "auto", tile: int = 128, capacities=None):
+    """sum_k weights[t,k] * expert_{experts[t,k]}(x[t]), every token kept (no capacity, no drops).
+
+    `tile` caps the overflow tile rows of "bucketed"/"tiled"; `capacities` (bucketed only) replaces
+    `capacity_buckets`, e.g. one value to force that branch.
+    """
     T, D = x_TxD.shape
     E = w_gate_ExDxF.shape[0]
     k = experts_TxK.shape[1]
@@ -279,12 +271,14 @@ def moe_dropless(x_TxD, weights_TxK, experts_TxK, w_gate_ExDxF, w_up_ExDxF, w_do
     group_sizes_E = jnp.bincount(flat_expert_M, length=E).astype(jnp.int32)
     if impl == "ragged_dot":
         y_sorted = _grouped_swiglu_ragged(x_sorted_MxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
-    elif impl == "bucketed":
-        y_sorted = _bucketed_swiglu(x_sorted_MxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD,
-                                    _small_tile(x_sorted_MxD.shape[0], E, tile))
-    elif impl == "tiled":
-        y_sorted = _grouped_swiglu_tiled(x_sorted_MxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD,
-                                         tile)
+    elif impl in ("bucketed", "tiled"):
+        M = x_sorted_MxD.shape[0]
+        if impl == "tiled":
+            capacities = (0,)
+        elif capacities is None:
+            capacities = capacity_buckets(M, E)
+        y_sorted = _grouped_swiglu(x_sorted_MxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD,
+                                   tuple(capacities), _small_tile(M, E, tile))
     else:
         raise ValueError(f"unknown grouped matmul impl {impl!r}; use 'auto', 'ragged_dot', 'bucketed' or 'tiled'")
     weight_M = weights_TxK.reshape(-1)[order_M].astype(jnp.float32)
