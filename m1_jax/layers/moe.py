@@ -76,9 +76,10 @@ def _swiglu_grads(gate, up, dh):
     return d_gate, dh * act, act * up
 
 
-def _small_tile(M: int, E: int, tile: int) -> int:
-    """Small batches get small tiles, so padding each group to a tile boundary does not dominate the work."""
-    return min(tile, max(8, 1 << max(0, (M // E - 1).bit_length())))
+def _small_tile(rows: int, tile: int) -> int:
+    """The power of two >= rows (at least 8), capped at tile: small batches get small tiles, so padding each
+    group to a tile boundary does not dominate the work."""
+    return min(tile, max(8, 1 << max(0, (rows - 1).bit_length())))
 
 
 # Per-expert capacities the batched part may use, as multiples of the mean group size M / E; 0 = tiles only.
@@ -273,12 +274,13 @@ def moe_dropless(x_TxD, weights_TxK, experts_TxK, w_gate_ExDxF, w_up_ExDxF, w_do
         y_sorted = _grouped_swiglu_ragged(x_sorted_MxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
     elif impl in ("bucketed", "tiled"):
         M = x_sorted_MxD.shape[0]
-        if impl == "tiled":
-            capacities = (0,)
-        elif capacities is None:
-            capacities = capacity_buckets(M, E)
+        if impl == "tiled":  # tiles hold whole groups: about the mean group size
+            capacities, tile_rows = (0,), _small_tile(M // E, tile)
+        else:  # tiles hold only the rows past C: a quarter of the mean group wastes less on padding
+            capacities = capacity_buckets(M, E) if capacities is None else tuple(capacities)
+            tile_rows = _small_tile(M // (4 * E), tile)
         y_sorted = _grouped_swiglu(x_sorted_MxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD,
-                                   tuple(capacities), _small_tile(M, E, tile))
+                                   capacities, tile_rows)
     else:
         raise ValueError(f"unknown grouped matmul impl {impl!r}; use 'auto', 'ragged_dot', 'bucketed' or 'tiled'")
     weight_M = weights_TxK.reshape(-1)[order_M].astype(jnp.float32)
