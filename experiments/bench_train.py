@@ -36,29 +36,12 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _batch(vocab, B, L):
-    import numpy as np
-    rng = np.random.default_rng(0)
-    return rng.integers(0, vocab, (B, L + 1)).astype(np.int32)
-
-
 def _run_jax(preset, B, L, warmup, repeats):
     import jax
-    import numpy as np
-    from m1_jax.config import get_config
-    from m1_jax.train import optimizer as opt_lib, state as state_lib, step as step_lib
+    import m1_jax.train.step  # noqa: F401  imported before the baseline, as the torch side imports first
 
-    cfg = get_config(preset)
-    oc = opt_lib.OptimizerConfig(learning_rate=1e-4, warmup_steps=0, schedule="constant", total_steps=100,
-                                 eps=1e-8, clip_norm=0.0)
-    tx = opt_lib.make_optimizer(oc)
     base = _rss_mb()
-    state = state_lib.init_state(cfg, tx, 0)
-    seq = _batch(cfg.vocab_size, B, L)
-    batch = {"tokens": seq[:, :-1], "targets": seq[:, 1:], "segment_ids": np.ones((B, L), np.int32),
-             "positions": np.tile(np.arange(L, dtype=np.int32), (B, 1)), "loss_mask": np.ones((B, L), np.float32)}
-    batch = jax.device_put(batch)
-    step = step_lib.make_train_step(cfg, tx, opt_lib.make_schedule(oc))
+    step, state, batch = bench_worker.jax_train_step(preset, B, L)
     times = []
     for i in range(warmup + repeats):
         t = time.perf_counter()
@@ -86,7 +69,7 @@ def _run_torch(preset, B, L, warmup, repeats, threads):
     torch.manual_seed(0)
     model = transformers.MiniMaxForCausalLM(hf).float().train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    seq = torch.from_numpy(_batch(cfg.vocab_size, B, L).astype("int64"))
+    seq = torch.from_numpy(bench_worker.random_tokens(cfg.vocab_size, B, L).astype("int64"))
     times = []
     for i in range(warmup + repeats):
         t = time.perf_counter()
