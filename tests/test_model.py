@@ -169,14 +169,16 @@ def test_moe_bucketed_every_capacity(crowded):
     experts = np.stack([np.arange(T) % E, (np.arange(T) + 1) % E], axis=1)
     experts[:crowded] = [0, 1]
     capacities = moe_lib.capacity_buckets(T * k, E)
-    assert capacities == (0, 24, 32, 40, 48)  # ratios 0, 0.75, 1, 1.125 and 1.25 (= 1.5 rounded up to 8) x 32
+    assert capacities == (0, 24, 32, 40, 48)  # ratios 0, 0.75, 1, 1.125 and 1.25 (both 40 rounded up to 8), 1.5 x 32
     weights = rng.uniform(0.1, 1, (T, k))
     for C in capacities:
         _check_moe_impl("bucketed", x, weights, experts, wg, wu, wd, capacities=(C,))
-    group_sizes = np.bincount(experts.ravel(), minlength=E)
-    branch = int(moe_lib._pick_capacity(jnp.asarray(group_sizes), capacities, 8))
     if crowded == 0:  # every group is 32 rows: C = 32 is no padding and no tiles
-        assert capacities[branch] == 32
+        group_sizes = np.bincount(experts.ravel(), minlength=E)
+        assert capacities[int(moe_lib._pick_capacity(jnp.asarray(group_sizes), capacities, 8))] == 32
+        with pytest.raises(ValueError, match="capacities is for impl='bucketed' only"):
+            moe_dropless(jnp.asarray(x, jnp.float32), jnp.asarray(weights, jnp.float32), jnp.asarray(experts),
+                         *(jnp.asarray(w, jnp.float32) for w in (wg, wu, wd)), impl="tiled", capacities=(32,))
 
 
 def test_aux_loss_by_hand():

@@ -218,6 +218,7 @@ def _grouped_swiglu_bwd(capacities, tile, res, dy_MxD):
     layout = _layout(group_sizes_E, M, capacities, tile)
     dy_PxD = jnp.pad(dy_MxD.astype(x_PxD.dtype), ((0, tile), (0, 0)))
     f32_einsum = lambda spec, a, b: jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+    f32_xt_dot = lambda a, b: jnp.dot(a.T, b, preferred_element_type=jnp.float32)
     zeros_f32 = lambda w: jnp.zeros(w.shape, jnp.float32)
 
     def batched(C):
@@ -241,7 +242,6 @@ def _grouped_swiglu_bwd(capacities, tile, res, dy_MxD):
         dy = jnp.where(keep_t[:, None], jax.lax.dynamic_slice_in_dim(dy_PxD, row0, tile), 0)
         d_gate, d_up, h = _swiglu_grads(gate, up, dy @ w_down[e].T)
         dx = d_gate @ w_gate[e].T + d_up @ w_up[e].T
-        f32_xt_dot = lambda a, b: jnp.dot(a.T, b, preferred_element_type=jnp.float32)
         return (_write_rows(dx_PxD, dx, row0, keep_t), dw_gate.at[e].add(f32_xt_dot(x, d_gate)),
                 dw_up.at[e].add(f32_xt_dot(x, d_up)), dw_down.at[e].add(f32_xt_dot(h, dy)))
 
@@ -268,6 +268,8 @@ def moe_dropless(x_TxD, weights_TxK, experts_TxK, w_gate_ExDxF, w_up_ExDxF, w_do
     E = w_gate_ExDxF.shape[0]
     k = experts_TxK.shape[1]
     impl = default_grouped_impl() if impl == "auto" else impl
+    if capacities is not None and impl != "bucketed":
+        raise ValueError(f"capacities is for impl='bucketed' only, got impl={impl!r}")
     flat_expert_M = experts_TxK.reshape(-1)
     order_M = jnp.argsort(flat_expert_M, stable=True)
     token_of_M = order_M // k
