@@ -9,7 +9,7 @@ _SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "profile
 
 
 def test_profile_step_attributes_the_step_to_model_modules(tmp_path):
-    out = subprocess.run([sys.executable, str(_SCRIPT), "--preset=tiny", "--batch=1", "--seq=32", "--steps=1",
+    out = subprocess.run([sys.executable, str(_SCRIPT), "--preset=tiny", "--batch=1", "--seq=32", "--steps=3",
                           "--top=5", f"--out_dir={tmp_path}"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     total = float(re.search(r"summed thread time ([\d,.]+) ms", out.stdout).group(1).replace(",", ""))
