@@ -24,6 +24,8 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "untimed steps (JAX: includes compil
 _REPEATS = flags.DEFINE_integer("repeats", 5, "timed steps; the median is reported")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "worker runs per side, alternating jax / torch; medians pool all rounds")
 _THREADS = flags.DEFINE_integer("threads", 0, "torch intra-op threads (0: torch's default)")
+_GROUPED = flags.DEFINE_enum("moe_grouped_matmul", "auto", ["auto", "blas", "bucketed", "tiled"],
+                             "m1-jax's MoE grouped matmul on CPU (ModelConfig.moe_grouped_matmul)")
 _WORKER = flags.DEFINE_string("worker", None, "internal: 'jax:PRESET' or 'torch:PRESET'")
 
 
@@ -41,7 +43,7 @@ def _run_jax(preset, B, L, warmup, repeats):
     import m1_jax.train.step  # noqa: F401  imported before the baseline, as the torch side imports first
 
     base = _rss_mb()
-    step, state, batch = bench_worker.jax_train_step(preset, B, L)
+    step, state, batch = bench_worker.jax_train_step(preset, B, L, moe_grouped_matmul=_GROUPED.value)
     times = []
     for i in range(warmup + repeats):
         t = time.perf_counter()
@@ -101,7 +103,8 @@ def main(argv):
     rows, ratios = [], {}
     for preset in _PRESETS.value:
         n = count_params(get_config(preset))
-        args = [f"--batch={B}", f"--seq={L}", f"--warmup={W}", f"--repeats={R}", f"--threads={_THREADS.value}"]
+        args = [f"--batch={B}", f"--seq={L}", f"--warmup={W}", f"--repeats={R}", f"--threads={_THREADS.value}",
+                f"--moe_grouped_matmul={_GROUPED.value}"]
         res = bench_worker.run_rounds(__file__, {fw: [f"--worker={fw}:{preset}", *args] for fw in ("jax", "torch")},
                                       _ROUNDS.value, preset)
         round_ms = {fw: [statistics.median(r["times"]) * 1e3 for r in res[fw]] for fw in res}
@@ -112,7 +115,7 @@ def main(argv):
             rows.append((preset, f"{n['total'] / 1e6:.1f}M", framework, B * L / med, med * 1e3,
                          max(r["peak_mb"] for r in runs), runs[-1]["loss"]))
     print(f"\nbatch {B} x seq {L}, warm-up {W}, median of {R} steps x {_ROUNDS.value} alternating rounds, "
-          f"CPU ({os.cpu_count()} cores)\n")
+          f"CPU ({os.cpu_count()} cores), m1-jax MoE grouped matmul {_GROUPED.value!r}\n")
     print("| preset | params | framework | tokens/s | step ms (median) | peak RSS growth MB | last loss |")
     print("|---|---|---|---|---|---|---|")
     for preset, params, fw, tps, ms, mb, loss in rows:

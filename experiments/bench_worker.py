@@ -42,14 +42,15 @@ def random_tokens(vocab, B, L):
     return rng.integers(0, vocab, (B, L + 1)).astype(np.int32)
 
 
-def jax_train_step(preset, B, L):
-    """(step, state, batch): the jitted m1-jax train step on `preset` with the benchmark's optimizer and batch."""
+def jax_train_step(preset, B, L, **overrides):
+    """(step, state, batch): the jitted m1-jax train step on `preset` (ModelConfig overrides applied) with the
+    benchmark's optimizer and batch."""
     import jax
     import numpy as np
     from m1_jax.config import get_config
     from m1_jax.train import optimizer as opt_lib, state as state_lib, step as step_lib
 
-    cfg = get_config(preset)
+    cfg = get_config(preset, **overrides)
     oc = opt_lib.OptimizerConfig(learning_rate=1e-4, warmup_steps=0, schedule="constant", total_steps=100,
                                  eps=1e-8, clip_norm=0.0)
     tx = opt_lib.make_optimizer(oc)

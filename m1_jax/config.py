@@ -25,6 +25,7 @@ _HF_NAME = {LIGHTNING: "linear_attention", SOFTMAX: "full_attention"}
 _DTYPES = ("float32", "bfloat16", "float16")
 MOE_IMPLS = ("dropless", "expert_parallel")
 MOE_BACKENDS = ("capacity", "ragged")
+GROUPED_MATMUL_IMPLS = ("auto", "blas", "bucketed", "tiled", "ragged_dot")  # layers/moe.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +69,9 @@ class ModelConfig:
     moe_impl: str = "dropless"
     moe_backend: str = "capacity"
     moe_capacity_factor: float = 0.0
+    # The grouped matmul of the experts (layers/moe.py): "auto" = ragged_dot on GPU/TPU; on CPU the BLAS custom
+    # call for float32 ("blas"), else the pure-JAX "bucketed".
+    moe_grouped_matmul: str = "auto"
     # M1's fix for the train/inference probability mismatch: the LM head matmul runs in float32.
     fp32_lm_head: bool = True
     tie_word_embeddings: bool = False
@@ -132,6 +136,8 @@ class ModelConfig:
             bad(f"moe_impl must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
         if self.moe_backend not in MOE_BACKENDS:
             bad(f"moe_backend must be one of {MOE_BACKENDS}, got {self.moe_backend!r}")
+        if self.moe_grouped_matmul not in GROUPED_MATMUL_IMPLS:
+            bad(f"moe_grouped_matmul must be one of {GROUPED_MATMUL_IMPLS}, got {self.moe_grouped_matmul!r}")
         if not self.moe_capacity_factor >= 0:
             bad(f"moe_capacity_factor must be >= 0 (0 = dropless), got {self.moe_capacity_factor!r}")
 

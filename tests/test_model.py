@@ -148,7 +148,7 @@ def _moe_problem(rng, T, D, F, E):
     return x, ws
 
 
-@pytest.mark.parametrize("impl", ["bucketed", "tiled", "ragged_dot"])
+@pytest.mark.parametrize("impl", ["blas", "bucketed", "tiled", "ragged_dot"])
 def test_moe_dropless_against_dense_loop(impl):
     rng = RNG(3)
     T, D, F, E, k = 50, 12, 20, 6, 2

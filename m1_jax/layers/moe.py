@@ -1,23 +1,31 @@
 """Mixture of experts: float32 top-k router, dropless SwiGLU experts, Switch-style load-balancing stats.
 
 Dropless dispatch sorts the token copies by expert so each expert's rows are contiguous, then runs a
-grouped matmul. `lax.ragged_dot` is the grouped matmul on GPU/TPU; XLA:CPU lowers it to a dense masked
-product over every expert (E times the work), so the CPU default is "bucketed": the first C rows of every
-expert run as one batched matmul over [E, C, .], and the rows beyond C run as a loop over tiles of
-consecutive sorted rows, one expert per tile. C is picked at run time from a few static sizes
-(`capacity_buckets`, 0 included) to minimise the padded work, so a crowded expert no longer pads every
-other expert to its size. "tiled" is the same with C = 0. All compute the same thing; no row is ever dropped.
+grouped matmul (`impl`):
+  "ragged_dot"  `lax.ragged_dot`, the default on GPU/TPU. XLA:CPU lowers it to a dense masked product over every
+                expert (E times the work).
+  "blas"        the CPU default for float32: `grouped_matmul_cpu.gmm`, an XLA FFI custom call running one BLAS
+                sgemm per expert on exactly its rows. Needs a C++ compiler on first use.
+  "bucketed"    pure JAX, the CPU fallback (other dtypes, or no compiler): the first C rows of every expert run
+                as one batched matmul over [E, C, .], and the rows beyond C as a loop over tiles of consecutive
+                sorted rows, one expert per tile. C is picked at run time from a few static sizes
+                (`capacity_buckets`, 0 included) to minimise the padded work.
+  "tiled"       "bucketed" with C = 0.
+All compute the same thing; no row is ever dropped.
 """
 
 import functools
 import math
 from typing import NamedTuple
 
+import warnings
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from m1_jax.config import ModelConfig
+from m1_jax.config import GROUPED_MATMUL_IMPLS, ModelConfig
+from m1_jax.layers import grouped_matmul_cpu
 from m1_jax.layers.partitioning import param
 
 
@@ -55,10 +63,11 @@ def swiglu(x, w_gate, w_up, w_down):
     return h @ w_down
 
 
-def _grouped_swiglu_ragged(x_MxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD):
-    gate = jax.lax.ragged_dot(x_MxD, w_gate_ExDxF, group_sizes_E)
-    up = jax.lax.ragged_dot(x_MxD, w_up_ExDxF, group_sizes_E)
-    return jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down_ExFxD, group_sizes_E)
+def _grouped_swiglu_exact(x_MxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, grouped_matmul):
+    """SwiGLU over expert-sorted rows with a ragged_dot-like grouped_matmul(lhs, rhs, group_sizes)."""
+    gate = grouped_matmul(x_MxD, w_gate_ExDxF, group_sizes_E)
+    up = grouped_matmul(x_MxD, w_up_ExDxF, group_sizes_E)
+    return grouped_matmul(jax.nn.silu(gate) * up, w_down_ExFxD, group_sizes_E)
 
 
 def _row_groups(group_sizes_E, M: int):
@@ -253,21 +262,39 @@ def _grouped_swiglu_bwd(capacities, tile, res, dy_MxD):
 _grouped_swiglu.defvjp(_grouped_swiglu_fwd, _grouped_swiglu_bwd)
 
 
-def default_grouped_impl() -> str:
-    return "bucketed" if jax.default_backend() == "cpu" else "ragged_dot"
+@functools.cache
+def _warn_no_blas(reason: str) -> None:
+    warnings.warn(f"the MoE runs its slower pure-JAX grouped matmul ('bucketed'): the CPU custom call is "
+                  f"unavailable: {reason}", RuntimeWarning, stacklevel=3)
+
+
+def default_grouped_impl(dtype=jnp.float32) -> str:
+    """ragged_dot off CPU; on CPU the BLAS custom call for float32 when it builds, else bucketed."""
+    if jax.default_backend() != "cpu":
+        return "ragged_dot"
+    if jnp.dtype(dtype) != jnp.float32:
+        return "bucketed"
+    reason = grouped_matmul_cpu.unavailable_reason()
+    if reason is not None:
+        _warn_no_blas(reason)
+        return "bucketed"
+    return "blas"
 
 
 def moe_dropless(x_TxD, weights_TxK, experts_TxK, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, *,
                  impl: str = "auto", tile: int = 128, capacities=None):
     """sum_k weights[t,k] * expert_{experts[t,k]}(x[t]), every token kept (no capacity, no drops).
 
-    `tile` caps the overflow tile rows of "bucketed"/"tiled"; `capacities` (bucketed only) replaces
-    `capacity_buckets`, e.g. one value to force that branch.
+    `impl` is one of GROUPED_MATMUL_IMPLS (module docstring). `tile` caps the overflow tile rows of
+    "bucketed"/"tiled"; `capacities` (bucketed only) replaces `capacity_buckets`, e.g. one value to force that
+    branch.
     """
     T, D = x_TxD.shape
     E = w_gate_ExDxF.shape[0]
     k = experts_TxK.shape[1]
-    impl = default_grouped_impl() if impl == "auto" else impl
+    if impl not in GROUPED_MATMUL_IMPLS:
+        raise ValueError(f"unknown grouped matmul impl {impl!r}; use one of {GROUPED_MATMUL_IMPLS}")
+    impl = default_grouped_impl(x_TxD.dtype) if impl == "auto" else impl
     if capacities is not None and impl != "bucketed":
         raise ValueError(f"capacities is for impl='bucketed' only, got impl={impl!r}")
     flat_expert_M = experts_TxK.reshape(-1)
@@ -275,9 +302,11 @@ def moe_dropless(x_TxD, weights_TxK, experts_TxK, w_gate_ExDxF, w_up_ExDxF, w_do
     token_of_M = order_M // k
     x_sorted_MxD = x_TxD[token_of_M]
     group_sizes_E = jnp.bincount(flat_expert_M, length=E).astype(jnp.int32)
-    if impl == "ragged_dot":
-        y_sorted = _grouped_swiglu_ragged(x_sorted_MxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
-    elif impl in ("bucketed", "tiled"):
+    if impl in ("ragged_dot", "blas"):
+        grouped_matmul = jax.lax.ragged_dot if impl == "ragged_dot" else grouped_matmul_cpu.gmm
+        y_sorted = _grouped_swiglu_exact(x_sorted_MxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD,
+                                         grouped_matmul)
+    else:  # bucketed / tiled
         M = x_sorted_MxD.shape[0]
         if impl == "tiled":  # tiles hold whole groups: about the mean group size
             capacities, tile_rows = (0,), _small_tile(M // E, tile)
@@ -286,8 +315,6 @@ def moe_dropless(x_TxD, weights_TxK, experts_TxK, w_gate_ExDxF, w_up_ExDxF, w_do
             tile_rows = _small_tile(M // (4 * E), tile)
         y_sorted = _grouped_swiglu(x_sorted_MxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD,
                                    capacities, tile_rows)
-    else:
-        raise ValueError(f"unknown grouped matmul impl {impl!r}; use 'auto', 'ragged_dot', 'bucketed' or 'tiled'")
     weight_M = weights_TxK.reshape(-1)[order_M].astype(jnp.float32)
     y_weighted = y_sorted.astype(jnp.float32) * weight_M[:, None]
     out_TxD = jnp.zeros((T, D), jnp.float32).at[token_of_M].add(y_weighted)
@@ -330,6 +357,6 @@ class MoE(nn.Module):
         logits_TxE = jnp.dot(router_in, w_router, precision=jax.lax.Precision.HIGHEST)
         weights_TxK, experts_TxK, probs_TxE = route_top_k(logits_TxE, cfg.num_experts_per_tok)
         y_TxD = moe_dropless(h_TxD.astype(dtype), weights_TxK, experts_TxK, w_gate.astype(dtype),
-                             w_up.astype(dtype), w_down.astype(dtype))
+                             w_up.astype(dtype), w_down.astype(dtype), impl=cfg.moe_grouped_matmul)
         mask_T = None if token_mask_BxL is None else token_mask_BxL.reshape(-1)
         return y_TxD.reshape(B, L, D), load_balance_stats(probs_TxE, experts_TxK, mask_T)
