@@ -88,3 +88,21 @@ print(before, threads())
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["2", "2"]
+
+
+def test_moe_auto_dispatch_on_cpu():
+    """float32 matmuls of at least BLAS_MIN_FLOPS take the custom call; small ones and other dtypes stay pure JAX."""
+    from m1_jax.layers import moe
+
+    assert moe.default_grouped_impl(jnp.float32, moe.BLAS_MIN_FLOPS) == "blas"
+    assert moe.default_grouped_impl(jnp.float32, moe.BLAS_MIN_FLOPS - 1) == "bucketed"
+    assert moe.default_grouped_impl(jnp.bfloat16, moe.BLAS_MIN_FLOPS) == "bucketed"
+
+    def lowered(T, D, F, E=4, k=2):
+        x, w = jnp.ones((T, D)), jnp.full((T, k), 0.5)
+        experts = jnp.asarray(np.arange(T * k).reshape(T, k) % E, jnp.int32)
+        weights = (jnp.ones((E, D, F)), jnp.ones((E, D, F)), jnp.ones((E, F, D)))
+        return jax.jit(lambda x: moe.moe_dropless(x, w, experts, *weights)).lower(x).as_text()
+
+    assert "m1_jax_gmm" in lowered(256, 256, 512)  # 2 * 512 * 256 * 512 = 2^27 FLOPs
+    assert "m1_jax_gmm" not in lowered(64, 32, 64)

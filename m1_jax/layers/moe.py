@@ -4,11 +4,12 @@ Dropless dispatch sorts the token copies by expert so each expert's rows are con
 grouped matmul (`impl`):
   "ragged_dot"  `lax.ragged_dot`, the default on GPU/TPU. XLA:CPU lowers it to a dense masked product over every
                 expert (E times the work).
-  "blas"        the CPU default for float32: `grouped_matmul_cpu.gmm`, an XLA FFI custom call running one BLAS
-                sgemm per expert on exactly its rows. Needs a C++ compiler on first use.
-  "bucketed"    pure JAX, the CPU fallback (other dtypes, or no compiler): the first C rows of every expert run
-                as one batched matmul over [E, C, .], and the rows beyond C as a loop over tiles of consecutive
-                sorted rows, one expert per tile. C is picked at run time from a few static sizes
+  "blas"        the CPU default for float32 matmuls of at least BLAS_MIN_FLOPS: `grouped_matmul_cpu.gmm`, an
+                XLA FFI custom call running BLAS sgemm on exactly each expert's rows. Needs a C++ compiler on
+                first use.
+  "bucketed"    pure JAX, the CPU fallback (other dtypes, small matmuls, or no compiler): the first C rows of
+                every expert run as one batched matmul over [E, C, .], and the rows beyond C as a loop over tiles
+                of consecutive sorted rows, one expert per tile. C is picked at run time from a few static sizes
                 (`capacity_buckets`, 0 included) to minimise the padded work.
   "tiled"       "bucketed" with C = 0.
 All compute the same thing; no row is ever dropped.
@@ -16,9 +17,8 @@ All compute the same thing; no row is ever dropped.
 
 import functools
 import math
-from typing import NamedTuple
-
 import warnings
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -268,11 +268,17 @@ def _warn_no_blas(reason: str) -> None:
                   f"unavailable: {reason}", RuntimeWarning, stacklevel=3)
 
 
-def default_grouped_impl(dtype=jnp.float32) -> str:
-    """ragged_dot off CPU; on CPU the BLAS custom call for float32 when it builds, else bucketed."""
+# Below this many FLOPs per grouped matmul (2 M D F) the pure-JAX path wins on CPU: in the tiny preset's whole
+# train step (17 MFLOP) bucketed took 37-45 ms against 50-68 ms with the custom call (WORKSPACE 6.3).
+BLAS_MIN_FLOPS = 2**26
+
+
+def default_grouped_impl(dtype=jnp.float32, flops: float = float("inf")) -> str:
+    """ragged_dot off CPU; on CPU the BLAS custom call for float32 matmuls of at least BLAS_MIN_FLOPS when it
+    builds, else bucketed."""
     if jax.default_backend() != "cpu":
         return "ragged_dot"
-    if jnp.dtype(dtype) != jnp.float32:
+    if jnp.dtype(dtype) != jnp.float32 or flops < BLAS_MIN_FLOPS:
         return "bucketed"
     reason = grouped_matmul_cpu.unavailable_reason()
     if reason is not None:
@@ -294,7 +300,8 @@ def moe_dropless(x_TxD, weights_TxK, experts_TxK, w_gate_ExDxF, w_up_ExDxF, w_do
     k = experts_TxK.shape[1]
     if impl not in GROUPED_MATMUL_IMPLS:
         raise ValueError(f"unknown grouped matmul impl {impl!r}; use one of {GROUPED_MATMUL_IMPLS}")
-    impl = default_grouped_impl(x_TxD.dtype) if impl == "auto" else impl
+    if impl == "auto":
+        impl = default_grouped_impl(x_TxD.dtype, 2 * T * k * D * w_gate_ExDxF.shape[2])
     if capacities is not None and impl != "bucketed":
         raise ValueError(f"capacities is for impl='bucketed' only, got impl={impl!r}")
     flat_expert_M = experts_TxK.reshape(-1)
