@@ -106,3 +106,22 @@ def test_moe_auto_dispatch_on_cpu():
 
     assert "m1_jax_gmm" in lowered(256, 256, 512)  # 2 * 512 * 256 * 512 = 2^27 FLOPs
     assert "m1_jax_gmm" not in lowered(64, 32, 64)
+
+
+def test_moe_blas_with_batch_sharded_inputs():
+    """Under GSPMD the custom call has no sharding rule: XLA gathers its operands, and the result must not change."""
+    from jax.sharding import NamedSharding, PartitionSpec
+    from m1_jax.layers import moe
+
+    mesh = jax.make_mesh((len(jax.devices()),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    rng = RNG(5)
+    T, D, F, E = 64, 16, 32, 4
+    x = jnp.asarray(rng.standard_normal((T, D)), jnp.float32)
+    ws = [jnp.asarray(rng.standard_normal(s) * .3, jnp.float32) for s in ((E, D, F), (E, D, F), (E, F, D))]
+    weights, experts, _ = moe.route_top_k(jnp.asarray(rng.standard_normal((T, E))), 2)
+    loss = lambda x, w, e: jnp.sum(moe.moe_dropless(x, w, e, *ws, impl="blas") ** 2)
+    want = jax.jit(jax.value_and_grad(loss))(x, weights, experts)
+    sharded = [jax.device_put(a, NamedSharding(mesh, PartitionSpec("data"))) for a in (x, weights, experts)]
+    got = jax.jit(jax.value_and_grad(loss))(*sharded)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
