@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from m1_jax.config import ModelConfig
-from m1_jax.layers.moe import load_balance_stats, moe_dropless, moe_params, route_top_k, swiglu
+from m1_jax.layers.moe import grouped_swiglu, load_balance_stats, moe_dropless, moe_params, route_top_k, swiglu
 
 BACKENDS = ("capacity", "ragged")
 
@@ -179,13 +179,6 @@ def _capacity_dispatch(x_txD, weights_txK, experts_txK, experts_w, expert_axis, 
     return _combine(y_KxtxD, weights_txK, x_txD.dtype), dropped
 
 
-def _grouped_swiglu(x_RxD, group_sizes_e, w_gate_exDxF, w_up_exDxF, w_down_exFxD):
-    # lax.ragged_dot leaves rows past sum(group_sizes) zero, so the padding tail costs no expert work.
-    gate = jax.lax.ragged_dot(x_RxD, w_gate_exDxF, group_sizes_e)
-    up = jax.lax.ragged_dot(x_RxD, w_up_exDxF, group_sizes_e)
-    return jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down_exFxD, group_sizes_e)
-
-
 def _exclusive_cumsum(v, axis):
     return jnp.cumsum(v, axis=axis) - v
 
@@ -239,7 +232,9 @@ def _ragged_dispatch(x_txD, weights_txK, experts_txK, experts_w, expert_axis, ep
     local_e_R = jnp.where(seg_of_R < ep * e_loc, seg_of_R % e_loc, e_loc)  # e_loc marks the padding tail
     perm_R = jnp.argsort(local_e_R, stable=True)
     group_sizes_e = seg_sizes.reshape(ep, e_loc).sum(0)
-    out_sorted = _grouped_swiglu(recv_RxD[perm_R], group_sizes_e, w_gate_exDxF, w_up_exDxF, w_down_exFxD)
+    # lax.ragged_dot leaves rows past sum(group_sizes) zero, so the padding tail costs no expert work.
+    out_sorted = grouped_swiglu(recv_RxD[perm_R], group_sizes_e, w_gate_exDxF, w_up_exDxF, w_down_exFxD,
+                                       jax.lax.ragged_dot)
     out_RxD = jnp.zeros_like(out_sorted).at[perm_R].set(out_sorted)
     # Return trip: the exact reverse of the forward exchange. Rows of dropped copies stay zero.
     back = jnp.zeros((M, D), out_RxD.dtype)

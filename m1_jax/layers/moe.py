@@ -63,7 +63,7 @@ def swiglu(x, w_gate, w_up, w_down):
     return h @ w_down
 
 
-def _grouped_swiglu_exact(x_MxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, grouped_matmul):
+def grouped_swiglu(x_MxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, grouped_matmul):
     """SwiGLU over expert-sorted rows with a ragged_dot-like grouped_matmul(lhs, rhs, group_sizes)."""
     gate = grouped_matmul(x_MxD, w_gate_ExDxF, group_sizes_E)
     up = grouped_matmul(x_MxD, w_up_ExDxF, group_sizes_E)
@@ -311,7 +311,7 @@ def moe_dropless(x_TxD, weights_TxK, experts_TxK, w_gate_ExDxF, w_up_ExDxF, w_do
     group_sizes_E = jnp.bincount(flat_expert_M, length=E).astype(jnp.int32)
     if impl in ("ragged_dot", "blas"):
         grouped_matmul = jax.lax.ragged_dot if impl == "ragged_dot" else grouped_matmul_cpu.gmm
-        y_sorted = _grouped_swiglu_exact(x_sorted_MxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD,
+        y_sorted = grouped_swiglu(x_sorted_MxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD,
                                          grouped_matmul)
     else:  # bucketed / tiled
         M = x_sorted_MxD.shape[0]
