@@ -70,7 +70,7 @@ class ModelConfig:
     moe_backend: str = "capacity"
     moe_capacity_factor: float = 0.0
     # The grouped matmul of the experts (layers/moe.py): "auto" = ragged_dot on GPU/TPU; on CPU the BLAS custom
-    # call for float32 ("blas"), else the pure-JAX "bucketed".
+    # call ("blas") for float32 matmuls of at least moe.BLAS_MIN_FLOPS, else the pure-JAX "bucketed".
     moe_grouped_matmul: str = "auto"
     # M1's fix for the train/inference probability mismatch: the LM head matmul runs in float32.
     fp32_lm_head: bool = True

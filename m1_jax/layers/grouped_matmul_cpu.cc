@@ -65,6 +65,17 @@ int64_t ColumnBlocks(int64_t num_groups, int64_t n, int64_t threads) {
   return std::max<int64_t>(1, std::min(want, n / 64));
 }
 
+// Calls block(e, n0, cols) for every column block [n0, n0 + cols) of every group e of an n-column product,
+// spread over this thread and the pool.
+template <typename Block>
+void ForEachColumnBlock(ffi::ThreadPool& pool, int64_t num_groups, int64_t n, Block block) {
+  const int64_t blocks = ColumnBlocks(num_groups, n, pool.num_threads()), width = (n + blocks - 1) / blocks;
+  ParallelFor(pool, num_groups * blocks, [&](int64_t item) {
+    const int64_t n0 = (item % blocks) * width;
+    if (n0 < n) block(item / blocks, n0, std::min(width, n - n0));
+  });
+}
+
 ffi::Error GroupStarts(ffi::Buffer<ffi::S32>& sizes, int64_t rows, std::vector<int64_t>& starts) {
   const int32_t* g = sizes.typed_data();
   const int64_t num_groups = sizes.element_count();
@@ -90,11 +101,9 @@ ffi::Error GmmImpl(ffi::Buffer<ffi::F32> lhs, ffi::Buffer<ffi::F32> rhs, ffi::Bu
   const float* a = lhs.typed_data();
   const float* b = rhs.typed_data();
   float* c = out->typed_data();
-  const int64_t blocks = ColumnBlocks(num_groups, n, pool.num_threads()), width = (n + blocks - 1) / blocks;
-  ParallelFor(pool, num_groups * blocks, [&](int64_t item) {
-    const int64_t e = item / blocks, n0 = (item % blocks) * width, cols = std::min(width, n - n0);
+  ForEachColumnBlock(pool, num_groups, n, [&](int64_t e, int64_t n0, int64_t cols) {
     const int64_t m = starts[e + 1] - starts[e];
-    if (m == 0 || cols <= 0) return;
+    if (m == 0) return;
     // rhs[e] is [k, n] (ld n), or [n, k] (ld k) when transposed: column block n0 starts at n0 or at row n0.
     const float* b_block = b + e * k * n + (trans_rhs ? n0 * k : n0);
     sgemm(kRowMajor, kNoTrans, trans_rhs ? kTrans : kNoTrans, m, cols, k, 1.0f, a + starts[e] * k, k, b_block,
@@ -114,11 +123,8 @@ ffi::Error TgmmImpl(ffi::Buffer<ffi::F32> lhs, ffi::Buffer<ffi::F32> rhs, ffi::B
   const float* a = lhs.typed_data();
   const float* b = rhs.typed_data();
   float* c = out->typed_data();
-  const int64_t blocks = ColumnBlocks(num_groups, n, pool.num_threads()), width = (n + blocks - 1) / blocks;
-  ParallelFor(pool, num_groups * blocks, [&](int64_t item) {
-    const int64_t e = item / blocks, n0 = (item % blocks) * width, cols = std::min(width, n - n0);
+  ForEachColumnBlock(pool, num_groups, n, [&](int64_t e, int64_t n0, int64_t cols) {
     const int64_t m = starts[e + 1] - starts[e];
-    if (cols <= 0) return;
     float* c_block = c + e * k * n + n0;
     if (m == 0) {
       for (int64_t r = 0; r < k; ++r) std::fill(c_block + r * n, c_block + r * n + cols, 0.0f);

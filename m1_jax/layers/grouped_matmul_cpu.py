@@ -20,6 +20,7 @@ import glob
 import hashlib
 import os
 import pathlib
+import shutil
 import subprocess
 import tempfile
 
@@ -52,11 +53,12 @@ def _private_openblas() -> ctypes.CDLL:
         raise RuntimeError(f"numpy's bundled OpenBLAS (libscipy_openblas64_*.so) is not in {libs_dir}; this numpy "
                            "was not installed from a manylinux wheel")
     source = pathlib.Path(found[0])
-    copy = _cache_dir() / f"m1_jax_{hashlib.sha256(source.read_bytes()).hexdigest()[:16]}_{source.name}"
+    # The wheel's file name already carries a hash of its contents; with the size, no need to read 25 MB per start.
+    copy = _cache_dir() / f"m1_jax_{source.stat().st_size}_{source.name}"
     if not copy.exists():
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=copy.parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(source.read_bytes())
+        os.close(fd)
+        shutil.copyfile(source, tmp)
         _publish(tmp, copy)
     blas = ctypes.CDLL(str(copy))  # a different path: a second instance, with its own thread-count setting
     blas.scipy_openblas_set_num_threads64_(1)

@@ -312,7 +312,7 @@ def moe_dropless(x_TxD, weights_TxK, experts_TxK, w_gate_ExDxF, w_up_ExDxF, w_do
     if impl in ("ragged_dot", "blas"):
         grouped_matmul = jax.lax.ragged_dot if impl == "ragged_dot" else grouped_matmul_cpu.gmm
         y_sorted = grouped_swiglu(x_sorted_MxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD,
-                                         grouped_matmul)
+                                  grouped_matmul)
     else:  # bucketed / tiled
         M = x_sorted_MxD.shape[0]
         if impl == "tiled":  # tiles hold whole groups: about the mean group size
