@@ -25,7 +25,9 @@ _HF_NAME = {LIGHTNING: "linear_attention", SOFTMAX: "full_attention"}
 _DTYPES = ("float32", "bfloat16", "float16")
 MOE_IMPLS = ("dropless", "expert_parallel")
 MOE_BACKENDS = ("capacity", "ragged")
-GROUPED_MATMUL_IMPLS = ("auto", "blas", "bucketed", "tiled", "ragged_dot")  # layers/moe.py
+# pallas_kernels.grouped_matmul.IMPLS (listed here so that this module needs no jax; a test keeps them equal).
+GROUPED_MATMUL_IMPLS = ("auto", "pallas_gpu", "pallas_tpu", "bucketed", "blas", "ragged_dot", "reference")
+MATMUL_PRECISIONS = ("auto", "default", "high", "highest")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,15 +65,19 @@ class ModelConfig:
     router_jitter_noise: float = 0.0
     # MoE implementation: "dropless" (moe.py, single-device math; GSPMD cannot split its global sort) or
     # "expert_parallel" (expert_parallel.py, shard_map all-to-all over the "expert" axis of the mesh set
-    # with jax.set_mesh; needed for pod-scale meshes). The next two fields only apply to "expert_parallel":
-    # moe_backend "capacity" (all_to_all, runs everywhere) or "ragged" (ragged_all_to_all, GPU/TPU only);
-    # moe_capacity_factor > 0 caps each expert's slots (dropped copies contribute 0), 0 = dropless.
+    # with jax.set_mesh; needed for pod-scale meshes). The next two fields only apply to "expert_parallel"
+    # (validate() rejects them with "dropless"): moe_backend "capacity" (all_to_all, runs everywhere) or
+    # "ragged" (ragged_all_to_all, GPU/TPU only); moe_capacity_factor > 0 caps each expert's slots (dropped
+    # copies contribute 0), 0 = dropless.
     moe_impl: str = "dropless"
     moe_backend: str = "capacity"
     moe_capacity_factor: float = 0.0
-    # The grouped matmul of the experts (layers/moe.py): "auto" = ragged_dot on GPU/TPU; on CPU the BLAS custom
-    # call ("blas") for float32 matmuls of at least moe.BLAS_MIN_FLOPS, else the pure-JAX "bucketed".
+    # The experts' grouped matmul on every MoE path (pallas_kernels/grouped_matmul): "auto" picks by the
+    # platform compiled for: Pallas Triton on CUDA, megablox on TPU, pure-JAX "bucketed" on CPU.
     moe_grouped_matmul: str = "auto"
+    # Default precision of every matmul (jax.default_matmul_precision around the model): "auto" = "highest" for a
+    # float32 dtype (on GPU, float32 matmuls otherwise run in TF32) and "default" for bf16/fp16.
+    matmul_precision: str = "auto"
     # M1's fix for the train/inference probability mismatch: the LM head matmul runs in float32.
     fp32_lm_head: bool = True
     tie_word_embeddings: bool = False
@@ -140,6 +146,12 @@ class ModelConfig:
             bad(f"moe_grouped_matmul must be one of {GROUPED_MATMUL_IMPLS}, got {self.moe_grouped_matmul!r}")
         if not self.moe_capacity_factor >= 0:
             bad(f"moe_capacity_factor must be >= 0 (0 = dropless), got {self.moe_capacity_factor!r}")
+        if self.moe_impl == "dropless" and (self.moe_backend != "capacity" or self.moe_capacity_factor != 0):
+            bad(f"moe_backend={self.moe_backend!r} and moe_capacity_factor={self.moe_capacity_factor!r} apply to "
+                "moe_impl='expert_parallel' only; moe_impl='dropless' never drops (leave them at 'capacity' and 0, "
+                "or set moe_impl='expert_parallel')")
+        if self.matmul_precision not in MATMUL_PRECISIONS:
+            bad(f"matmul_precision must be one of {MATMUL_PRECISIONS}, got {self.matmul_precision!r}")
 
     # ---------------------------------------------------------------- derived facts
     @property
@@ -178,6 +190,13 @@ class ModelConfig:
         """lambda[l, h] for every layer (rows of softmax layers are unused), float64."""
         layers = np.arange(self.num_layers, dtype=np.float64)
         return np.asarray(self.layer_decay_factor(layers))[:, None] * self.head_slopes()[None, :]
+
+    @property
+    def default_matmul_precision(self) -> str:
+        """The matmul precision the model runs under: matmul_precision, with "auto" resolved by dtype."""
+        if self.matmul_precision != "auto":
+            return self.matmul_precision
+        return "highest" if self.dtype == "float32" else "default"
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

@@ -44,6 +44,12 @@ class MiniMaxM1(nn.Module):
     def __call__(self, tokens_BxL, segment_ids_BxL=None, positions_BxL=None, cache=None,
                  return_hidden: bool = False):
         cfg = self.cfg
+        # Every matmul of the model (and, through the custom VJPs that re-enter it, of its backward pass) runs
+        # at cfg's precision: on GPU float32 means float32, not TF32.
+        with jax.default_matmul_precision(cfg.default_matmul_precision):
+            return self._forward(cfg, tokens_BxL, segment_ids_BxL, positions_BxL, cache, return_hidden)
+
+    def _forward(self, cfg, tokens_BxL, segment_ids_BxL, positions_BxL, cache, return_hidden):
         if not isinstance(tokens_BxL, jax.core.Tracer):
             check_tokens(cfg, tokens_BxL)
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
@@ -97,6 +103,11 @@ def lm_head_weight(cfg: ModelConfig, params):
 
 def lm_head_logits(cfg: ModelConfig, h_BxLxD, head_DxV):
     """float32 logits of final hidden states; the one LM head matmul (the model and the chunked loss)."""
+    with jax.default_matmul_precision(cfg.default_matmul_precision):
+        return _lm_head_logits(cfg, h_BxLxD, head_DxV)
+
+
+def _lm_head_logits(cfg: ModelConfig, h_BxLxD, head_DxV):
     if cfg.fp32_lm_head:
         # The matmul itself in float32 (casting bf16 logits afterwards does not fix the mismatch).
         return jnp.dot(h_BxLxD.astype(jnp.float32), head_DxV.astype(jnp.float32),

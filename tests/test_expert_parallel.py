@@ -60,7 +60,7 @@ def test_matches_single_device_outputs_stats_and_grads(mesh_shape, names, E, bac
 
     def loss_ep(x, router, w_gate, w_up, w_down):
         y, st = moe_expert_parallel(x, router, w_gate, w_up, w_down, mesh=mesh, k=K, backend=backend,
-                                    capacity_factor=None, token_mask_T=mask,
+                                    capacity_factor=0.0, token_mask_T=mask,
                                     emulate_ragged_a2a=backend == "ragged")
         aux = aux_loss_from_stats(st["counts_E"], st["prob_sum_E"], st["num_tokens"])
         return jnp.sum(y * probe) + aux, (y, st)
@@ -196,7 +196,7 @@ def test_emulated_ragged_all_to_all_follows_the_documented_semantics():
     np.testing.assert_array_equal(np.asarray(result), [[1, 3, 0, 0], [2, 2, 4, 0]])
 
 
-@pytest.mark.parametrize("capacity_factor", [None, 1.25])
+@pytest.mark.parametrize("capacity_factor", [0.0, 1.25])
 def test_ragged_backend_lowers_for_tpu(capacity_factor):
     mesh = AbstractMesh((2, 4), ("data", "expert"), axis_types=(AxisType.Auto,) * 2)
     T, E = 256, 16
@@ -214,7 +214,9 @@ def test_ragged_backend_lowers_for_tpu(capacity_factor):
     lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).trace(*args).lower(lowering_platforms=("tpu",))
     text = lowered.as_text()
     assert text.count("ragged_all_to_all") >= 4  # forward and return trip, and both again in the backward
-    assert "ragged_dot" in text
+    # The local experts run the grouped matmul dispatcher's TPU kernels (megablox) inside the shard_map: at
+    # least the lhs and rhs gradients of each of the 3 matmuls.
+    assert text.count("tpu_custom_call") >= 6 and "ragged_dot" not in text
 
 
 def test_linen_wrapper_matches_moe():
@@ -225,7 +227,7 @@ def test_linen_wrapper_matches_moe():
     h = jnp.asarray(rng.standard_normal((B, L, cfg.hidden_size), dtype=np.float32))
     mask = jnp.asarray((rng.uniform(size=(B, L)) > 0.3).astype(np.int32))
     ref_mod = MoE(cfg)
-    ep_mod = ExpertParallelMoE(cfg, mesh=mesh, capacity_factor=None)
+    ep_mod = ExpertParallelMoE(cfg, mesh=mesh)
     key = jax.random.key(0)
     boxed_ref = jax.eval_shape(ref_mod.init, key, h, mask)["params"]
     boxed_ep = jax.eval_shape(ep_mod.init, key, h, mask)["params"]
@@ -243,6 +245,8 @@ def test_linen_wrapper_matches_moe():
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(backend="dense"), "unknown expert-parallel backend"),
+    (dict(capacity_factor=None), "capacity_factor must be >= 0"),
+    (dict(capacity_factor=-1.0), "capacity_factor must be >= 0"),
     (dict(expert_axis="ep"), "not a mesh axis"),
     (dict(batch_axes=("data",)), "must include the expert axis"),
 ])
@@ -264,9 +268,26 @@ def test_bad_shapes():
 
 
 def test_capacity_rule():
-    # ceil(cf * t * k / E), clamped to [1, t]; None / <= 0 means no drops (t slots).
+    # ceil(cf * t * k / E), clamped to [1, t]; 0 means no drops (t slots).
     assert capacity_per_expert(8, 2, 8, 1.25) == 3
     assert capacity_per_expert(8, 2, 64, 0.1) == 1
     assert capacity_per_expert(8, 2, 2, 4.0) == 8
-    assert capacity_per_expert(8, 2, 8, None) == 8
     assert capacity_per_expert(8, 2, 8, 0) == 8
+
+
+@pytest.mark.parametrize("backend", ["capacity", "ragged"])
+def test_grouped_matmul_impl_reaches_the_local_experts(backend):
+    """moe_expert_parallel's grouped_matmul_impl is the one the local experts run (no hard-coded ragged_dot)."""
+    mesh = AbstractMesh((2, 4), ("data", "expert"), axis_types=(AxisType.Auto,) * 2)
+    T, E = 64, 8
+    sds = lambda shape, spec: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=NamedSharding(mesh, spec))
+    args = (sds((T, D), P(("data", "expert"))), sds((D, E), P()), sds((E, D, F), P("expert")),
+            sds((E, D, F), P("expert")), sds((E, F, D), P("expert")))
+
+    def text(impl, platform):
+        fn = lambda *a: moe_expert_parallel(*a, mesh=mesh, k=K, backend=backend, grouped_matmul_impl=impl)[0]
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+
+    assert "ragged_dot" in text("ragged_dot", "tpu")
+    assert "tpu_custom_call" in text("auto", "tpu") and "ragged_dot" not in text("auto", "tpu")
+    assert "__gpu$xla.gpu.triton" in text("auto", "cuda")

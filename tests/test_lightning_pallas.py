@@ -200,3 +200,15 @@ def test_auto_falls_back_to_chunked_with_segments_on_kernel_backends(monkeypatch
     assert api.resolve_impl("auto", segment_ids=seg) == "chunked"
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert api.resolve_impl("auto") == "pallas_gpu"
+
+
+def test_auto_picks_the_kernel_of_the_platform_compiled_for():
+    """An ahead-of-time lowering from this CPU host for TPU or CUDA contains that platform's kernel."""
+    q = jax.ShapeDtypeStruct((1, 64, 2, 16), jnp.float32)
+    decay = jnp.asarray([0.1, 0.2], jnp.float32)
+    fn = jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(lightning_attention(q, k, v, decay, block_size=16)),
+                                    argnums=(0, 1, 2)))
+    text = {p: fn.trace(q, q, q).lower(lowering_platforms=(p,)).as_text() for p in ("tpu", "cuda", "cpu")}
+    assert "tpu_custom_call" in text["tpu"] and "triton" not in text["tpu"]
+    assert "__gpu$xla.gpu.triton" in text["cuda"] and "tpu_custom_call" not in text["cuda"]
+    assert "tpu_custom_call" not in text["cpu"] and "triton" not in text["cpu"]

@@ -90,3 +90,11 @@ def test_moe_impl_fields_are_validated():
         get_config("tiny", moe_backend="dense")
     with pytest.raises(ValueError, match="moe_capacity_factor must be >= 0"):
         get_config("tiny", moe_capacity_factor=-1.0)
+    # Fields that only the expert-parallel MoE reads are rejected with the single-device one, not ignored.
+    with pytest.raises(ValueError, match="apply to moe_impl='expert_parallel' only"):
+        get_config("tiny", moe_capacity_factor=1.25)
+    with pytest.raises(ValueError, match="apply to moe_impl='expert_parallel' only"):
+        get_config("tiny", moe_backend="ragged")
+    with pytest.raises(ValueError, match="moe_grouped_matmul must be one of"):
+        get_config("tiny", moe_grouped_matmul="tiled")
+    get_config("tiny", moe_impl="expert_parallel", moe_backend="ragged", moe_capacity_factor=1.25)  # valid

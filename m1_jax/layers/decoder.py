@@ -43,8 +43,7 @@ class DecoderLayer(nn.Module):
         h2 = rms_norm(x, w_post, cfg.rms_norm_eps)
         token_mask = None if segment_ids_BxL is None else segment_ids_BxL != 0
         if cfg.moe_impl == "expert_parallel":  # mesh from context (jax.set_mesh), batch over its batch axes
-            moe = ExpertParallelMoE(cfg, backend=cfg.moe_backend, capacity_factor=cfg.moe_capacity_factor or None,
-                                    name="moe")
+            moe = ExpertParallelMoE(cfg, name="moe")
         else:
             moe = MoE(cfg, name="moe")
         moe_out, stats = moe(h2, token_mask)

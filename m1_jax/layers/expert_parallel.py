@@ -5,10 +5,10 @@ moe.py), sends every token copy to the shard that owns its expert with an all-to
 axis, runs its local experts, sends the results back and combines them with the router weights.
 The expert axis also shards the batch (MaxText style), so every device holds distinct tokens.
 
-Two backends behind one interface, both dropless with capacity_factor None (the default, and the
-single-device MoE's semantics) or <= 0:
+Two backends behind one interface, both dropless with capacity_factor 0 (the default, and the
+single-device MoE's semantics):
 - "ragged": copies are sorted by expert and exchanged with `lax.ragged_all_to_all` (offsets from an
-  all_gather of per-expert counts); local experts run `lax.ragged_dot`. Dropless, the receive buffer
+  all_gather of per-expert counts); local experts run the grouped matmul. Dropless, the receive buffer
   is the worst case, ep * tokens_per_shard * min(k, experts_per_shard) rows. With capacity_factor > 0
   it becomes MiniMax-01's global router: each expert takes at most
   C_global = ceil(capacity_factor * ep * tokens_per_shard * k / num_experts) copies from its whole
@@ -20,14 +20,15 @@ single-device MoE's semantics) or <= 0:
 - "capacity": every (source shard, expert) pair gets C slots, exchanged with a plain
   `lax.all_to_all`; runs everywhere, including CPU.
   C = ceil(capacity_factor * tokens_per_shard * k / num_experts), clamped to [1, tokens_per_shard];
-  capacity_factor None or <= 0 gives C = tokens_per_shard, which never drops (a token picks an expert at
+  capacity_factor 0 gives C = tokens_per_shard, which never drops (a token picks an expert at
   most once, so one shard never sends more than tokens_per_shard copies to one expert) but makes the
   buffers num_experts / k times the balanced size; 1.25 is the usual setting.
 Dropped copies contribute 0 and the surviving weights are NOT renormalised. Slots are filled
 first-choice first (all of a shard's top-1 copies, then its top-2, ...; token order within a rank),
 GShard style, so overflow drops second choices before first choices.
 
-Both return the load-balance stats (counts_E, prob_sum_E, num_tokens) summed over every token shard,
+Both run the local experts with `pallas_kernels.grouped_matmul` (`grouped_matmul_impl`, the single-device
+MoE's `ModelConfig.moe_grouped_matmul`). Both return the load-balance stats (counts_E, prob_sum_E, num_tokens) summed over every token shard,
 so `aux_loss_from_stats` gives the same value as the single-device MoE, plus drop accounting.
 Padding tokens (token_mask 0) are routed and computed like real tokens, as in `MoE`; the mask only
 affects the load-balance stats.
@@ -44,7 +45,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from m1_jax.config import ModelConfig
-from m1_jax.layers.moe import grouped_swiglu, load_balance_stats, moe_dropless, moe_params, route_top_k, swiglu
+from m1_jax.layers.moe import grouped_swiglu, moe_dropless, moe_params, route, router_jitter
 
 BACKENDS = ("capacity", "ragged")
 
@@ -57,7 +58,7 @@ def default_batch_axes(mesh, expert_axis: str = "expert") -> tuple[str, ...]:
 def capacity_per_expert(tokens_per_shard: int, k: int, num_experts: int, capacity_factor) -> int:
     """Slots per expert for a pool of tokens_per_shard tokens (one shard for "capacity", one expert-axis
     group for the ragged global router); see the module docstring for the rule."""
-    if capacity_factor is None or capacity_factor <= 0:
+    if capacity_factor == 0:
         return tokens_per_shard
     c = math.ceil(capacity_factor * tokens_per_shard * k / num_experts)
     return max(1, min(c, tokens_per_shard))
@@ -65,7 +66,7 @@ def capacity_per_expert(tokens_per_shard: int, k: int, num_experts: int, capacit
 
 def moe_expert_parallel(x_TxD, router_w_DxE, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, *, mesh, k: int,
                         expert_axis: str = "expert", batch_axes: Sequence[str] | None = None,
-                        backend: str = "capacity", capacity_factor: float | None = None,
+                        backend: str = "capacity", capacity_factor: float = 0.0, grouped_matmul_impl: str = "auto",
                         token_mask_T=None, jitter_TxD=None, emulate_ragged_a2a: bool = False):
     """Expert-parallel dropless-or-capacity MoE over `mesh`. Returns (y_TxD, stats).
 
@@ -73,13 +74,16 @@ def moe_expert_parallel(x_TxD, router_w_DxE, w_gate_ExDxF, w_up_ExDxF, w_down_Ex
     router_w_DxE: float32 router (replicated inside). w_*: expert weights, sharded over `expert_axis`
     on their leading E dimension inside the shard_map (other shardings are gathered at the boundary).
     token_mask_T: optional, 0 for padding (load-balance stats only). jitter_TxD: optional multiplicative
-    router noise (as MoE's jitter), sharded like x.
+    router noise (as MoE's jitter), sharded like x. capacity_factor: 0 = dropless, > 0 caps each expert's
+    slots (module docstring). grouped_matmul_impl: the local experts' grouped matmul.
     stats: dict with counts_E, prob_sum_E, num_tokens (psum'd over all token shards, equal to the
     single-device `load_balance_stats`), dropped (int32 number of dropped token copies, summed over the
     mesh), total_copies (T * k) and drop_fraction (dropped / total_copies).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown expert-parallel backend {backend!r}; use one of {BACKENDS}")
+    if capacity_factor is None or not capacity_factor >= 0:
+        raise ValueError(f"capacity_factor must be >= 0 (0 = dropless), got {capacity_factor!r}")
     if expert_axis not in mesh.axis_names:
         raise ValueError(f"expert_axis {expert_axis!r} is not a mesh axis {mesh.axis_names}; pass the "
                          "name of the axis that shards the experts")
@@ -107,22 +111,18 @@ def moe_expert_parallel(x_TxD, router_w_DxE, w_gate_ExDxF, w_up_ExDxF, w_down_Ex
     use_jitter = jitter_TxD is not None
 
     def body(x_txD, mask_t, router_DxE, w_gate_exDxF, w_up_exDxF, w_down_exFxD, *jitter):
-        router_in = x_txD.astype(jnp.float32)
-        if use_jitter:
-            router_in = router_in * jitter[0].astype(jnp.float32)
-        logits_txE = jnp.dot(router_in, router_DxE, precision=jax.lax.Precision.HIGHEST)
-        weights_txK, experts_txK, probs_txE = route_top_k(logits_txE, k)
-        counts_E, prob_sum_E, num_tokens = load_balance_stats(probs_txE, experts_txK, mask_t)
+        weights_txK, experts_txK, (counts_E, prob_sum_E, num_tokens) = route(
+            x_txD, router_DxE, k, jitter_TxD=jitter[0] if use_jitter else None, mask_T=mask_t)
         experts_w = (w_gate_exDxF, w_up_exDxF, w_down_exFxD)
         if backend == "capacity":
             capacity = capacity_per_expert(t_loc, k, E, capacity_factor)
             y_txD, dropped = _capacity_dispatch(x_txD, weights_txK, experts_txK, experts_w, expert_axis, ep,
-                                                capacity)
+                                                capacity, grouped_matmul_impl)
         else:
-            global_capacity = (None if capacity_factor is None or capacity_factor <= 0
+            global_capacity = (None if capacity_factor == 0
                                else capacity_per_expert(ep * t_loc, k, E, capacity_factor))
             y_txD, dropped = _ragged_dispatch(x_txD, weights_txK, experts_txK, experts_w, expert_axis, ep,
-                                              emulate_ragged_a2a, global_capacity)
+                                              emulate_ragged_a2a, global_capacity, grouped_matmul_impl)
         stats = dict(counts_E=counts_E, prob_sum_E=prob_sum_E, num_tokens=num_tokens, dropped=dropped)
         stats = jax.lax.psum(stats, batch_axes)
         return y_txD, stats
@@ -132,7 +132,8 @@ def moe_expert_parallel(x_TxD, router_w_DxE, w_gate_ExDxF, w_up_ExDxF, w_down_Ex
     in_specs = (tok, tok, P(), experts, experts, experts) + ((tok,) if use_jitter else ())
     args = (x_TxD, mask_T, router_w_DxE.astype(jnp.float32), w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
     args += (jitter_TxD,) if use_jitter else ()
-    fn = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=(tok, P()))
+    # check_vma=False: the grouped matmul kernels (megablox, Pallas) declare outputs without varying-axes types.
+    fn = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=(tok, P()), check_vma=False)
     y_TxD, stats = fn(*args)
     stats["total_copies"] = jnp.asarray(T * k, jnp.int32)
     stats["drop_fraction"] = stats["dropped"].astype(jnp.float32) / (T * k)
@@ -145,7 +146,7 @@ def _combine(y_copies_KxtxD, weights_txK, dtype):
     return y.astype(dtype)
 
 
-def _capacity_dispatch(x_txD, weights_txK, experts_txK, experts_w, expert_axis, ep, capacity):
+def _capacity_dispatch(x_txD, weights_txK, experts_txK, experts_w, expert_axis, ep, capacity, impl):
     """Capacity-padded all_to_all dispatch on one shard. Returns (y_txD, local dropped count)."""
     t, D = x_txD.shape
     k = experts_txK.shape[1]
@@ -169,8 +170,10 @@ def _capacity_dispatch(x_txD, weights_txK, experts_txK, experts_w, expert_axis, 
     # [E*C] rows are ordered (dest shard, local expert, slot): split the leading dim over the axis.
     recv = jax.lax.all_to_all(send.reshape(ep, e_loc * C, D), expert_axis, 0, 0)  # [src shard, e_loc*C, D]
     h_exRxD = recv.reshape(ep, e_loc, C, D).transpose(1, 0, 2, 3).reshape(e_loc, ep * C, D)
-    # Every local expert has the same padded row count: a batched matmul is the grouped matmul.
-    out_exRxD = jax.vmap(swiglu)(h_exRxD, w_gate_exDxF, w_up_exDxF, w_down_exFxD)
+    # Every local expert has ep * C rows (empty slots are zero rows, whose SwiGLU is zero).
+    group_sizes_e = jnp.full((e_loc,), ep * C, jnp.int32)
+    out_exRxD = grouped_swiglu(h_exRxD.reshape(e_loc * ep * C, D), group_sizes_e, w_gate_exDxF, w_up_exDxF,
+                               w_down_exFxD, impl=impl).reshape(e_loc, ep * C, D)
     back = out_exRxD.reshape(e_loc, ep, C, D).transpose(1, 0, 2, 3).reshape(ep, e_loc * C, D)
     back = jax.lax.all_to_all(back, expert_axis, 0, 0).reshape(E * C, D)
     back = jnp.concatenate([back, jnp.zeros((1, D), back.dtype)])  # the trash row reads zeros
@@ -183,7 +186,8 @@ def _exclusive_cumsum(v, axis):
     return jnp.cumsum(v, axis=axis) - v
 
 
-def _ragged_dispatch(x_txD, weights_txK, experts_txK, experts_w, expert_axis, ep, emulate, global_capacity):
+def _ragged_dispatch(x_txD, weights_txK, experts_txK, experts_w, expert_axis, ep, emulate, global_capacity,
+                     impl):
     """ragged_all_to_all dispatch on one shard. Returns (y_txD, local dropped count).
 
     global_capacity None: dropless, with a worst-case receive buffer. Otherwise each expert takes at most
@@ -232,9 +236,9 @@ def _ragged_dispatch(x_txD, weights_txK, experts_txK, experts_w, expert_axis, ep
     local_e_R = jnp.where(seg_of_R < ep * e_loc, seg_of_R % e_loc, e_loc)  # e_loc marks the padding tail
     perm_R = jnp.argsort(local_e_R, stable=True)
     group_sizes_e = seg_sizes.reshape(ep, e_loc).sum(0)
-    # lax.ragged_dot leaves rows past sum(group_sizes) zero, so the padding tail costs no expert work.
+    # The grouped matmul leaves rows past sum(group_sizes) zero, so the padding tail costs no expert work.
     out_sorted = grouped_swiglu(recv_RxD[perm_R], group_sizes_e, w_gate_exDxF, w_up_exDxF, w_down_exFxD,
-                                       jax.lax.ragged_dot)
+                                impl=impl)
     out_RxD = jnp.zeros_like(out_sorted).at[perm_R].set(out_sorted)
     # Return trip: the exact reverse of the forward exchange. Rows of dropped copies stay zero.
     back = jnp.zeros((M, D), out_RxD.dtype)
@@ -294,8 +298,9 @@ def model_batch_axes(mesh, expert_axis: str = "expert") -> tuple[str, ...]:
 
 class ExpertParallelMoE(nn.Module):
     """Drop-in for `MoE` (same parameter names, shapes, logical axes and return value) running experts in
-    parallel over `mesh`. Returns (y_BxLxD, (counts_E, prob_sum_E, num_tokens)); drop counts are sown into
-    the "intermediates" collection as "moe_dropped" (visible when that collection is mutable).
+    parallel over `mesh`, configured by cfg's moe_backend, moe_capacity_factor and moe_grouped_matmul.
+    Returns (y_BxLxD, (counts_E, prob_sum_E, num_tokens)); drop counts are sown into the "intermediates"
+    collection as "moe_dropped" (visible when that collection is mutable).
 
     mesh None: the mesh from context (`jax.set_mesh`); batch_axes None: that mesh's batch axes
     (`model_batch_axes`). During `init` (parameter shapes only; model init traces a 1x1 token batch that
@@ -306,8 +311,6 @@ class ExpertParallelMoE(nn.Module):
     mesh: Mesh | None = None
     expert_axis: str = "expert"
     batch_axes: tuple[str, ...] | None = None
-    backend: str = "capacity"
-    capacity_factor: float | None = None
 
     @nn.compact
     def __call__(self, h_BxLxD, token_mask_BxL=None):
@@ -318,30 +321,21 @@ class ExpertParallelMoE(nn.Module):
 
         B, L, _ = h_BxLxD.shape
         h_TxD = h_BxLxD.reshape(B * L, D)
-        jitter = None
-        if cfg.router_jitter_noise > 0 and self.has_rng("jitter"):
-            jitter = jax.random.uniform(self.make_rng("jitter"), h_TxD.shape, jnp.float32,
-                                        1.0 - cfg.router_jitter_noise, 1.0 + cfg.router_jitter_noise)
+        jitter = router_jitter(self, cfg, h_TxD.shape)
         mask_T = None if token_mask_BxL is None else token_mask_BxL.reshape(-1)
+        w_gate, w_up, w_down = (w.astype(dtype) for w in (w_gate, w_up, w_down))
         if self.is_initializing():
-            return self._dense(h_TxD, mask_T, jitter, w_router, w_gate, w_up, w_down).reshape(B, L, D), \
-                (jnp.zeros((E,), jnp.float32), jnp.zeros((E,), jnp.float32), jnp.zeros((), jnp.float32))
+            weights_TxK, experts_TxK, _ = route(h_TxD, w_router, cfg.num_experts_per_tok, jitter_TxD=jitter)
+            y_TxD = moe_dropless(h_TxD.astype(dtype), weights_TxK, experts_TxK, w_gate, w_up, w_down,
+                                 impl=cfg.moe_grouped_matmul)
+            zeros_E = jnp.zeros((E,), jnp.float32)
+            return y_TxD.reshape(B, L, D), (zeros_E, zeros_E, jnp.zeros((), jnp.float32))
         mesh = self.mesh if self.mesh is not None else context_mesh(self.expert_axis)
         batch_axes = self.batch_axes if self.batch_axes is not None else model_batch_axes(mesh, self.expert_axis)
         y_TxD, stats = moe_expert_parallel(
-            h_TxD.astype(dtype), w_router, w_gate.astype(dtype), w_up.astype(dtype), w_down.astype(dtype),
-            mesh=mesh, k=cfg.num_experts_per_tok, expert_axis=self.expert_axis, batch_axes=batch_axes,
-            backend=self.backend, capacity_factor=self.capacity_factor, token_mask_T=mask_T, jitter_TxD=jitter)
+            h_TxD.astype(dtype), w_router, w_gate, w_up, w_down, mesh=mesh, k=cfg.num_experts_per_tok,
+            expert_axis=self.expert_axis, batch_axes=batch_axes, backend=cfg.moe_backend,
+            capacity_factor=cfg.moe_capacity_factor, grouped_matmul_impl=cfg.moe_grouped_matmul,
+            token_mask_T=mask_T, jitter_TxD=jitter)
         self.sow("intermediates", "moe_dropped", stats["dropped"])
         return y_TxD.reshape(B, L, D), (stats["counts_E"], stats["prob_sum_E"], stats["num_tokens"])
-
-    def _dense(self, h_TxD, mask_T, jitter, w_router, w_gate, w_up, w_down):
-        """The single-device dropless MoE output (init only)."""
-        dtype = jnp.dtype(self.cfg.dtype)
-        router_in = h_TxD.astype(jnp.float32)
-        if jitter is not None:
-            router_in = router_in * jitter
-        logits_TxE = jnp.dot(router_in, w_router, precision=jax.lax.Precision.HIGHEST)
-        weights_TxK, experts_TxK, _ = route_top_k(logits_TxE, self.cfg.num_experts_per_tok)
-        return moe_dropless(h_TxD.astype(dtype), weights_TxK, experts_TxK, w_gate.astype(dtype),
-                            w_up.astype(dtype), w_down.astype(dtype))

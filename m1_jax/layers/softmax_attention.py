@@ -53,12 +53,14 @@ def _num_kv_blocks(qi, bq, bk, nk):
     return jnp.minimum(nk, (qi * bq + bq - 1) // bk + 1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _flash(q_QxBxbxKxGxD, k_NxBxbxKxD, v_NxBxbxKxD, seg_q_QxBxb, seg_k_NxBxb, bq, bk, mask_all):
-    return _flash_fwd(q_QxBxbxKxGxD, k_NxBxbxKxD, v_NxBxbxKxD, seg_q_QxBxb, seg_k_NxBxb, bq, bk, mask_all)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _flash(q_QxBxbxKxGxD, k_NxBxbxKxD, v_NxBxbxKxD, seg_q_QxBxb, seg_k_NxBxb, bq, bk, mask_all, precision):
+    return _flash_fwd(q_QxBxbxKxGxD, k_NxBxbxKxD, v_NxBxbxKxD, seg_q_QxBxb, seg_k_NxBxb, bq, bk, mask_all,
+                      precision)[0]
 
 
-def _flash_fwd(q_QxBxbxKxGxD, k_NxBxbxKxD, v_NxBxbxKxD, seg_q_QxBxb, seg_k_NxBxb, bq, bk, mask_all):
+def _flash_fwd(q_QxBxbxKxGxD, k_NxBxbxKxD, v_NxBxbxKxD, seg_q_QxBxb, seg_k_NxBxb, bq, bk, mask_all, precision):
+    del precision  # the caller's context is still in force while the forward is traced
     nk = k_NxBxbxKxD.shape[0]
     B, _, K, G, D = q_QxBxbxKxGxD.shape[1:]
 
@@ -86,7 +88,13 @@ def _flash_fwd(q_QxBxbxKxGxD, k_NxBxbxKxD, v_NxBxbxKxD, seg_q_QxBxb, seg_k_NxBxb
     return out, (q_QxBxbxKxGxD, k_NxBxbxKxD, v_NxBxbxKxD, seg_q_QxBxb, seg_k_NxBxb, out, lse_QxBxKxGxb)
 
 
-def _flash_bwd(bq, bk, mask_all, res, dout_QxBxbxKxGxD):
+def _flash_bwd(bq, bk, mask_all, precision, res, dout_QxBxbxKxGxD):
+    # JAX traces this later, outside the caller's jax.default_matmul_precision block: re-enter it.
+    with jax.default_matmul_precision(precision):
+        return _flash_bwd_math(bq, bk, mask_all, res, dout_QxBxbxKxGxD)
+
+
+def _flash_bwd_math(bq, bk, mask_all, res, dout_QxBxbxKxGxD):
     q, k, v, seg_q, seg_k, out, lse_QxBxKxGxb = res
     nq, nk = q.shape[0], k.shape[0]
     # delta_i = sum_d dO_i * O_i: the softmax-Jacobian term of every row, computed once.
@@ -163,7 +171,8 @@ def blockwise_attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL=None, *
     seg_q = seg.reshape(B, nq, bq).transpose(1, 0, 2)
     seg_k = seg.reshape(B, nk, bk).transpose(1, 0, 2)
     mask_all = segment_ids_BxL is not None or Lp != L  # else only diagonal tiles need the causal mask
-    out_QxBxbxKxGxD = _flash(q_QxBxbxKxGxD, k_NxBxbxKxD, v_NxBxbxKxD, seg_q, seg_k, bq, bk, mask_all)
+    out_QxBxbxKxGxD = _flash(q_QxBxbxKxGxD, k_NxBxbxKxD, v_NxBxbxKxD, seg_q, seg_k, bq, bk, mask_all,
+                             jax.config.jax_default_matmul_precision)
     out = out_QxBxbxKxGxD.transpose(1, 0, 2, 3, 4, 5).reshape(B, Lp, H, D)
     return out[:, :L]
 

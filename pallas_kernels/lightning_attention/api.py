@@ -5,7 +5,9 @@ Implementations (impl=...):
   "chunked"     blockwise pure JAX (`lax.scan` over blocks); O(N) memory, differentiable; runs everywhere.
   "pallas_tpu"  Pallas Mosaic TPU kernel (tpu.py), custom VJP. On CPU only with interpret=True.
   "pallas_gpu"  Pallas Triton GPU kernel (gpu.py), custom VJP. On CPU only with interpret=True.
-  "auto"        pallas_tpu on TPU, pallas_gpu on GPU, chunked elsewhere (and whenever segment_ids is given).
+  "auto"        by the platform the program is compiled for (`lax.platform_dependent`, so an ahead-of-time
+                lowering for TPU or CUDA from a CPU host picks that platform's kernel): pallas_tpu on TPU,
+                pallas_gpu on CUDA, chunked elsewhere (and whenever segment_ids is given).
 
 The Pallas kernels do not support segment_ids (packed sequences): impl="auto" then falls back to "chunked";
 asking for a Pallas impl explicitly with segment_ids raises. They give decay a zero gradient (M1's decays are
@@ -31,13 +33,15 @@ IMPLS = ("auto", "reference", "chunked", "pallas_tpu", "pallas_gpu")
 _PALLAS_BACKEND = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}
 
 
-def resolve_impl(impl, *, segment_ids=None):
-    """The concrete implementation "auto" stands for on the running backend."""
+def resolve_impl(impl, *, segment_ids=None, platform=None):
+    """The concrete implementation "auto" stands for when compiled for `platform` (default: the running
+    backend; "cuda"/"rocm" count as GPU)."""
     if impl != "auto":
         return impl
     if segment_ids is not None:
         return "chunked"
-    return {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(jax.default_backend(), "chunked")
+    platform = jax.default_backend() if platform is None else platform
+    return {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cuda": "pallas_gpu"}.get(platform, "chunked")
 
 
 def _shape(x):
@@ -130,7 +134,21 @@ def lightning_attention(q, k, v, decay, *, impl="auto", initial_state=None, retu
     """
     validate(q, k, v, decay, initial_state=initial_state, segment_ids=segment_ids, impl=impl, block_size=block_size,
              interpret=interpret)
-    impl = resolve_impl(impl, segment_ids=segment_ids)
+    if impl == "auto" and segment_ids is None:
+        B, _, H, K = _shape(q)
+        s0 = (jnp.zeros((B, H, K, _shape(v)[3]), jnp.float32) if initial_state is None
+              else initial_state.astype(jnp.float32))
+        run = lambda name: lambda q, k, v, s0: _run(name, q, k, v, decay, s0, None, block_size, False)  # noqa: E731
+        o, state = jax.lax.platform_dependent(q, k, v, s0, tpu=run("pallas_tpu"), cuda=run("pallas_gpu"),
+                                              default=run("chunked"))
+    else:
+        o, state = _run(resolve_impl(impl, segment_ids=segment_ids), q, k, v, decay, initial_state, segment_ids,
+                        block_size, interpret)
+    return (o, state) if return_final_state else o
+
+
+def _run(impl, q, k, v, decay, initial_state, segment_ids, block_size, interpret):
+    """(o, final_state) of one concrete implementation."""
     if impl == "reference":
         o, state = reference_lib.lightning_attention_reference(q, k, v, decay, initial_state, segment_ids)
     elif impl == "chunked":
@@ -142,7 +160,7 @@ def lightning_attention(q, k, v, decay, *, impl="auto", initial_state=None, retu
     else:
         o, state = gpu.lightning_attention_gpu(q, k, v, decay, initial_state, block_size=int(block_size),
                                                interpret=interpret)
-    return (o, state) if return_final_state else o
+    return o, state
 
 
 def lightning_attention_step(q_BxHxK, k_BxHxK, v_BxHxV, decay_H, state_BxHxKxV):

@@ -1,15 +1,15 @@
-"""Exact grouped matmul on CPU: `lax.ragged_dot` semantics as an XLA FFI custom call over BLAS sgemm.
+"""Grouped matmul on CPU, opt-in (impl="blas"): an XLA FFI custom call over single-threaded BLAS sgemm.
 
 XLA:CPU has no grouped matmul (`lax.ragged_dot` lowers to a dense product over every group), so the pure-JAX
 MoE paths pad groups to static sizes. This one computes exactly each group's rows: the C++ handlers beside this
-file (`grouped_matmul_cpu.cc`) call a single-threaded sgemm one column block at a time on XLA's own intra-op
+file (`blas.cc`) call a single-threaded sgemm one column block at a time on XLA's own intra-op
 threads. The sgemm is that of the OpenBLAS numpy's wheels ship, from a private copy of the library (its thread
 count is a process-wide setting, so numpy's own copy keeps its threads). The C++ source is compiled with the system
 C++ compiler on first use; the library and the OpenBLAS copy are cached in `M1_JAX_CACHE_DIR` (default
-~/.cache/m1_jax). Where any of this is not possible, `available()` is False, `unavailable_reason()` says why, and
-the MoE falls back to its pure-JAX path.
+~/.cache/m1_jax). Where any of this is not possible, `available()` is False and `unavailable_reason()` says why.
 
-float32 only. `gmm` is differentiable in lhs and rhs (group sizes are integers).
+float32 only. Opt-in rather than the CPU default: it needs a C++ compiler at run time, XLA's cost analysis sees
+no FLOPs inside it, and the pure-JAX `bucketed` path is faster for small experts (the tiny preset).
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def _compile() -> pathlib.Path:
     """The shared library built from the .cc source, cached under a hash of the source and jaxlib's headers."""
     include = jax.ffi.include_dir()
     key = hashlib.sha256(_SOURCE.read_bytes() + include.encode() + jax.__version__.encode()).hexdigest()[:16]
-    library = _cache_dir() / f"grouped_matmul_cpu-{key}.so"
+    library = _cache_dir() / f"grouped_matmul_blas-{key}.so"
     if library.exists():
         return library
     compiler = os.environ.get("CXX", "c++")
@@ -110,50 +110,26 @@ def unavailable_reason() -> str | None:
     return _load()
 
 
-def _gmm_call(lhs_MxK, rhs, group_sizes_E, trans_rhs: bool):
-    N = rhs.shape[1] if trans_rhs else rhs.shape[2]
-    out = jax.ShapeDtypeStruct((lhs_MxK.shape[0], N), jnp.float32)
-    return jax.ffi.ffi_call(_GMM, out)(lhs_MxK, rhs, group_sizes_E, trans_rhs=trans_rhs)
-
-
-def _tgmm_call(lhs_MxK, rhs_MxN, group_sizes_E):
-    out = jax.ShapeDtypeStruct((group_sizes_E.shape[0], lhs_MxK.shape[1], rhs_MxN.shape[1]), jnp.float32)
-    return jax.ffi.ffi_call(_TGMM, out)(lhs_MxK, rhs_MxN, group_sizes_E)
-
-
-@jax.custom_vjp
-def _gmm(lhs_MxK, rhs_ExKxN, group_sizes_E):
-    return _gmm_call(lhs_MxK, rhs_ExKxN, group_sizes_E, trans_rhs=False)
-
-
-def _gmm_fwd(lhs_MxK, rhs_ExKxN, group_sizes_E):
-    return _gmm(lhs_MxK, rhs_ExKxN, group_sizes_E), (lhs_MxK, rhs_ExKxN, group_sizes_E)
-
-
-def _gmm_bwd(res, d_out_MxN):
-    lhs_MxK, rhs_ExKxN, group_sizes_E = res
-    # Rows past the groups have a zero output whatever lhs holds, so they get a zero gradient (the gmm zeroes them).
-    return (_gmm_call(d_out_MxN, rhs_ExKxN, group_sizes_E, trans_rhs=True),
-            _tgmm_call(lhs_MxK, d_out_MxN, group_sizes_E), None)
-
-
-_gmm.defvjp(_gmm_fwd, _gmm_bwd)
-
-
-def gmm(lhs_MxK, rhs_ExKxN, group_sizes_E):
-    """lax.ragged_dot(lhs, rhs, group_sizes) on CPU: row block g of lhs times rhs[g]; rows past sum(group_sizes)
-    are zero. float32 lhs/rhs, integer group_sizes. Negative sizes, or sizes summing past M, fail at run time."""
-    if np.ndim(lhs_MxK) != 2 or np.ndim(rhs_ExKxN) != 3 or np.ndim(group_sizes_E) != 1:
-        raise ValueError(f"gmm needs lhs [M, K], rhs [E, K, N], group_sizes [E]; got {np.shape(lhs_MxK)}, "
-                         f"{np.shape(rhs_ExKxN)}, {np.shape(group_sizes_E)}")
-    if lhs_MxK.shape[1] != rhs_ExKxN.shape[1] or rhs_ExKxN.shape[0] != group_sizes_E.shape[0]:
-        raise ValueError(f"gmm shapes disagree: lhs {lhs_MxK.shape}, rhs {rhs_ExKxN.shape}, group_sizes "
-                         f"{group_sizes_E.shape} (need lhs [M, K], rhs [E, K, N], group_sizes [E])")
-    if lhs_MxK.dtype != jnp.float32 or rhs_ExKxN.dtype != jnp.float32:
-        raise ValueError(f"gmm is float32 only; got lhs {lhs_MxK.dtype}, rhs {rhs_ExKxN.dtype}")
-    if not jnp.issubdtype(group_sizes_E.dtype, jnp.integer):
-        raise ValueError(f"group_sizes must be integers, got {group_sizes_E.dtype}")
+def _check(*arrays):
+    for x in arrays:
+        if x.dtype != jnp.float32:
+            raise ValueError(f"impl='blas' is float32 only; got {x.dtype} (use impl='bucketed' for other dtypes)")
     reason = _load()
     if reason is not None:
-        raise RuntimeError(f"the CPU grouped matmul is unavailable: {reason}")
-    return _gmm(lhs_MxK, rhs_ExKxN, group_sizes_E.astype(jnp.int32))
+        raise RuntimeError(f"the CPU grouped matmul (impl='blas') is unavailable: {reason}; use impl='bucketed'")
+
+
+def gmm(lhs_MxK, rhs, group_sizes_E, *, transpose_rhs: bool = False):
+    """The api's gmm contract (rhs [E, K, N], or [E, N, K] with transpose_rhs); float32 in and out."""
+    _check(lhs_MxK, rhs)
+    N = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    out = jax.ShapeDtypeStruct((lhs_MxK.shape[0], N), jnp.float32)
+    return jax.ffi.ffi_call(_GMM, out)(lhs_MxK, rhs, group_sizes_E.astype(jnp.int32), trans_rhs=transpose_rhs)
+
+
+def tgmm(lhs_MxK, d_MxN, group_sizes_E, *, out_dtype=None):
+    """The api's tgmm contract: [E, K, N] per-group lhs^T @ d, float32."""
+    del out_dtype  # float32 only
+    _check(lhs_MxK, d_MxN)
+    out = jax.ShapeDtypeStruct((group_sizes_E.shape[0], lhs_MxK.shape[1], d_MxN.shape[1]), jnp.float32)
+    return jax.ffi.ffi_call(_TGMM, out)(lhs_MxK, d_MxN, group_sizes_E.astype(jnp.int32))

@@ -1,11 +1,11 @@
-// Exact grouped matmul for XLA:CPU, as two XLA FFI handlers (loaded by grouped_matmul_cpu.py).
+// Exact grouped matmul for XLA:CPU, as two XLA FFI handlers (loaded by blas.py).
 //
 //   m1_jax_gmm:  out[rows of g] = lhs[rows of g] @ rhs[g]  (rhs[g]^T when trans_rhs); rows past the groups = 0
 //   m1_jax_tgmm: out[g] = lhs[rows of g]^T @ rhs[rows of g]  (0 for an empty group)
 //
 // Rows are grouped as in lax.ragged_dot: group g owns the group_sizes[g] rows after the rows of groups < g.
 // Each group's product is split into column blocks, and the blocks run as sgemm calls on the calling thread and
-// XLA's own intra-op thread pool; the BLAS must be single-threaded (grouped_matmul_cpu.py loads a private copy of
+// XLA's own intra-op thread pool; the BLAS must be single-threaded (blas.py loads a private copy of
 // OpenBLAS set to one thread). BLAS's own threads would compete with XLA's for the same cores (measured: a slower
 // train step than the pure-JAX path); sharing XLA's pool keeps one thread per core.
 
