@@ -13,7 +13,7 @@ import warnings
 
 from absl import app, flags
 
-import bench_worker
+import bench_harness
 
 _PRESET = flags.DEFINE_string("preset", "cpu-100m", "model preset")
 _BATCH = flags.DEFINE_integer("batch", 1, "batch size")
@@ -104,11 +104,11 @@ def main(argv):
     B, L = _BATCH.value, _SEQ.value
     if _WORKER.value:
         result = (_run_jax if _WORKER.value == "jax" else _run_torch)(cfg, B, L)
-        bench_worker.emit(result)
+        bench_harness.emit(result)
         return
     args = [f"--preset={_PRESET.value}", f"--batch={B}", f"--seq={L}", f"--warmup={_WARMUP.value}",
             f"--repeats={_REPEATS.value}"]
-    rounds = bench_worker.run_rounds(__file__, {fw: [f"--worker={fw}", *args] for fw in ("jax", "torch")},
+    rounds = bench_harness.run_rounds(__file__, {fw: [f"--worker={fw}", *args] for fw in ("jax", "torch")},
                                      _ROUNDS.value, "bench_layers")
     # Per module and column, the median over rounds of each round's median.
     results = {fw: {name: [statistics.median(r[name][i] for r in runs) for i in (0, 1)] for name in MODULES}

@@ -4,7 +4,7 @@ r"""Benchmark lightning attention impls (and softmax attention) at M1's head sha
   python experiments/bench_lightning.py --H=4 --N=1024,2048,4096,8192 --impls=chunked,softmax   # CPU smoke run
 
 Per (impl, N): forward and forward+backward wall time (warm-up, then the median of --repeats), achieved TFLOP/s
-and GB/s, and (in brackets) their share of the device's ceilings (CEILINGS below; none shown where the device is unknown).
+and GB/s, and (in brackets) their share of the device's ceilings (bench_harness.DEVICE_PEAKS; none shown where the device is unknown).
 Counted work (per batch row, head and token; C = the chunk the impl uses, Dk = Dv = D):
   lightning fwd FLOPs = 2*C*D (causal half of QK^T and PV) + 4*D^2 (inter term and state update)
   softmax   fwd FLOPs = 2*N*D (causal half of QK^T and PV)
@@ -14,8 +14,6 @@ Counted work (per batch row, head and token; C = the chunk the impl uses, Dk = D
 
 from __future__ import annotations
 
-import statistics
-import time
 
 from absl import app
 from absl import flags
@@ -24,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import bench_harness
 from pallas_kernels.lightning_attention import lightning_attention
 
 FLAGS = flags.FLAGS
@@ -38,22 +37,6 @@ flags.DEFINE_integer("block_size", 256, "lightning chunk size (pallas_gpu uses a
 flags.DEFINE_integer("warmup", 2, "untimed calls after compilation")
 flags.DEFINE_integer("repeats", 5, "timed calls; the median is reported")
 flags.DEFINE_integer("max_reference_n", 8192, "skip the quadratic reference above this N")
-
-# Peak dense bf16 TFLOP/s and HBM TB/s, matched against jax.devices()[0].device_kind.
-CEILINGS = {
-    "H100": (989.0, 3.35),
-    "H200": (989.0, 4.8),
-    "TPU v5p": (459.0, 2.76),
-}
-
-
-def device_ceilings():
-    kind = jax.devices()[0].device_kind
-    for name, peaks in CEILINGS.items():
-        if name.lower() in kind.lower():
-            return kind, peaks
-    return kind, None
-
 
 def available_impls(requested):
     backend = jax.default_backend()
@@ -81,15 +64,7 @@ def make_fn(impl, block_size):
 
 
 def time_call(fn, args, warmup, repeats):
-    jax.block_until_ready(fn(*args))  # compile
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return bench_harness.median_ms(bench_harness.timed(lambda: fn(*args), warmup + 1, repeats)) / 1e3
 
 
 def work(impl, B, N, H, D, itemsize, block_size):
@@ -108,7 +83,7 @@ def fmt_rate(value, peak):
 def main(argv):
     del argv
     dtype = jnp.dtype(FLAGS.dtype)
-    kind, peaks = device_ceilings()
+    kind, peaks = bench_harness.jax_device()
     flop_peak, bw_peak = (peaks[0], 1e3 * peaks[1]) if peaks else (None, None)  # TFLOP/s, GB/s
     B, H, D = FLAGS.B, FLAGS.H, FLAGS.D
     rng = np.random.default_rng(0)

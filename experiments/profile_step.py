@@ -68,9 +68,9 @@ def main(argv):
     import jax
     from jax._src.lib import _profile_data  # jax's own reader of the xplane protobuf
 
-    import bench_worker
+    import bench_harness
 
-    step, state, batch = bench_worker.jax_train_step(_PRESET.value, _BATCH.value, _SEQ.value)
+    step, state, batch = bench_harness.jax_train_step(_PRESET.value, _BATCH.value, _SEQ.value)
     for _ in range(2):
         state, metrics = step(state, batch)
     jax.block_until_ready(metrics)

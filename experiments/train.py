@@ -7,6 +7,8 @@ Rerunning the same command resumes from the latest checkpoint in --workdir.
 
 Dry run of the full model (no allocation; compiles the sharded step on 512 fake CPU devices):
   python experiments/train.py --config=experiments/configs/minimax_m1.py --mesh=8x64 --dry_run
+  python experiments/train.py --config=experiments/configs/minimax_m1.py --mesh=8x64 --dry_run \
+      --dry_run_topology=v5p:8x8x8     # XLA:TPU for 512 real v5p chips, from a CPU host (libtpu)
 Multi-host: launch the same command on every host; --distributed=auto (default) calls
 jax.distributed.initialize() when it sees a TPU pod, SLURM_NTASKS>1 or JAX_COORDINATOR_ADDRESS.
 """
@@ -38,6 +40,9 @@ _DRY_RUN = flags.DEFINE_bool("dry_run", False, "build the model abstractly, shar
                              "print per-device memory; allocates and runs nothing (fakes CPU devices if needed)")
 _DRY_GROUPS = flags.DEFINE_integer("dry_run_groups", 1, "dry run: compile this many layer groups (and one more) "
                                    "and extrapolate to the full depth; 0 compiles the full depth")
+_TOPOLOGY = flags.DEFINE_string("dry_run_topology", None, "dry run: compile through XLA:TPU for this real TPU "
+                                "topology, e.g. v5p:8x8x8 (512 chips), instead of on fake CPU devices; needs libtpu "
+                                "(pip install -e .[tpu]) and no TPU")
 
 
 def _fake_devices_for_dry_run(mesh_spec):
@@ -55,7 +60,9 @@ def _fake_devices_for_dry_run(mesh_spec):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; flags look like --steps=100")
-    if _DRY_RUN.value:
+    if _TOPOLOGY.value and not _DRY_RUN.value:
+        raise app.UsageError("--dry_run_topology needs --dry_run")
+    if _DRY_RUN.value and not _TOPOLOGY.value:
         try:
             _fake_devices_for_dry_run(_MESH.value)
         except ValueError as e:
@@ -78,7 +85,15 @@ def main(argv):
         if flag.value is not None:
             config.train[key] = flag.value
     devices = None
-    if _DRY_RUN.value:
+    if _TOPOLOGY.value:
+        from m1_jax.train import dry_run
+
+        try:
+            devices = dry_run.topology_devices(_TOPOLOGY.value)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+    elif _DRY_RUN.value:
         needed = loop.sharding_lib.mesh_device_count(_MESH.value)
         if needed is not None and jax.device_count() < needed:
             devices = jax.devices("cpu")  # accelerators too few: the fake CPU devices

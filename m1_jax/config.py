@@ -23,6 +23,9 @@ _OFFICIAL_CODE = {LIGHTNING: 0, SOFTMAX: 1}
 _HF_NAME = {LIGHTNING: "linear_attention", SOFTMAX: "full_attention"}
 
 _DTYPES = ("float32", "bfloat16", "float16")
+# How the lightning decays are computed (head_slopes, layer_decay_factor): "official" as MiniMax's own code,
+# "transformers" as transformers' MiniMax port; they differ for head counts that are not powers of two.
+DECAY_CONVENTIONS = ("official", "transformers")
 MOE_IMPLS = ("dropless", "expert_parallel")
 MOE_BACKENDS = ("capacity", "ragged")
 # pallas_kernels.grouped_matmul.IMPLS (listed here so that this module needs no jax; a test keeps them equal).
@@ -57,6 +60,9 @@ class ModelConfig:
     # The official code never passes the config eps to the lightning output norm, so it keeps 1e-6.
     lightning_norm_eps: float = 1e-6
     block_size: int = 256
+    # Lightning decay convention (DECAY_CONVENTIONS). from_hf sets it from the checkpoint's format: transformers'
+    # (model_type "minimax") decays for a transformers checkpoint, the official ones for the official checkpoint.
+    lightning_decay: str = "official"
     # MoE.
     num_experts: int = 32
     num_experts_per_tok: int = 2
@@ -150,6 +156,8 @@ class ModelConfig:
             bad(f"moe_backend={self.moe_backend!r} and moe_capacity_factor={self.moe_capacity_factor!r} apply to "
                 "moe_impl='expert_parallel' only; moe_impl='dropless' never drops (leave them at 'capacity' and 0, "
                 "or set moe_impl='expert_parallel')")
+        if self.lightning_decay not in DECAY_CONVENTIONS:
+            bad(f"lightning_decay must be one of {DECAY_CONVENTIONS}, got {self.lightning_decay!r}")
         if self.matmul_precision not in MATMUL_PRECISIONS:
             bad(f"matmul_precision must be one of {MATMUL_PRECISIONS}, got {self.matmul_precision!r}")
 
@@ -177,11 +185,17 @@ class ModelConfig:
         return self.num_layers // self.group_period
 
     def head_slopes(self) -> np.ndarray:
-        """ALiBi slopes s_h of the official code (with its workaround for non-power-of-two head counts)."""
+        """Per-head slopes s_h. official: the ALiBi sequence of the official code (with its interleaving
+        workaround for head counts that are not powers of two); transformers: 2^(-8 (h + 1) / H) for every H."""
+        if self.lightning_decay == "transformers":
+            return 2.0 ** (-8.0 * (np.arange(self.num_heads, dtype=np.float64) + 1) / self.num_heads)
         return np.asarray(_alibi_slopes(self.num_heads), np.float64)
 
     def layer_decay_factor(self, layer_idx):
-        """Per-layer decay multiplier (1 - l / (L - 1) + 1e-5), as the official code; works on traced l."""
+        """Per-layer decay multiplier; works on traced l. official: 1 - l / (L - 1) + 1e-5 (1 + 1e-5 for one
+        layer); transformers: 1 - l / (L - 1 + 1e-5) + 1e-5."""
+        if self.lightning_decay == "transformers":
+            return 1.0 - layer_idx / (self.num_layers - 1 + 1e-5) + 1e-5
         if self.num_layers <= 1:
             return 1.0 + 1e-5
         return 1.0 - layer_idx / (self.num_layers - 1) + 1e-5
@@ -272,6 +286,9 @@ class ModelConfig:
                 router_jitter_noise=float(hf.get("router_jitter_noise", 0.0)),
                 tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
                 initializer_range=float(hf.get("initializer_range", 0.02)),
+                # Our own key when we wrote the file; otherwise the convention of the code that runs this format.
+                lightning_decay=hf.get("lightning_decay_convention") or (
+                        "transformers" if hf.get("model_type") == "minimax" else "official"),
         )
         kwargs.update(overrides)
         return cls(**kwargs)
@@ -285,6 +302,15 @@ class ModelConfig:
         """
         if style not in ("transformers", "official"):
             raise ValueError(f"style must be 'transformers' or 'official', got {style!r}")
+        # The code that reads this format computes its own decays: refuse where they are not this model's (head
+        # counts that are not powers of two). Elsewhere the conventions differ by < 1e-5 in lambda (the layer
+        # factor's denominator), far below what the logits resolve.
+        gap = np.max(np.abs(self.replace(lightning_decay=style).lightning_decays() - self.lightning_decays()))
+        if gap > 1e-5:
+            raise ValueError(
+                    f"lightning_decay={self.lightning_decay!r} with {self.num_heads} heads: {style} code computes "
+                    f"decays up to {gap:.2g} away from this model's, so a {style}-style config.json would load as a "
+                    f"different model; write style={self.lightning_decay!r} (save_checkpoint(..., style=...))")
         out: dict[str, Any] = {
                 "vocab_size": self.vocab_size,
                 "hidden_size": self.hidden_size,
@@ -317,6 +343,7 @@ class ModelConfig:
                 "layernorm_mlp_beta": self.mlp_beta,
                 "bos_token_id": None,
                 "eos_token_id": None,
+                "lightning_decay_convention": self.lightning_decay,
         }
         if style == "official":
             out.update(model_type="minimax_m1", architectures=["MiniMaxM1ForCausalLM"])
@@ -385,12 +412,24 @@ def _cpu_100m() -> ModelConfig:
             remat_policy="none")
 
 
+def _slice_1b() -> ModelConfig:
+    # One M1 group (7 lightning + 1 softmax) at single-GPU width, for MFU: 1.77B total, 560M active parameters
+    # (byte vocabulary, so the embedding and head are negligible and the MoE dominates). bf16 compute.
+    return ModelConfig(
+            vocab_size=259, hidden_size=2048, num_layers=8, num_heads=16, num_kv_heads=4, head_dim=128,
+            layer_types=_hybrid_types(8), rotary_dim=64, rope_theta=10_000_000.0,
+            max_position_embeddings=1_048_576, lightning_alpha=(2 * 8) ** 0.25, softmax_alpha=(2 * 8) ** 0.25,
+            mlp_alpha=(2 * 8) ** 0.25, block_size=256, num_experts=8, num_experts_per_tok=2, expert_dim=4096,
+            dtype="bfloat16", remat_policy="full")
+
+
 PRESETS = {
         "minimax-m1-80k": _m1,
         "minimax-m1-40k": _m1,
         "minimax-text-01": _m1,
         "tiny": _tiny,
         "cpu-100m": _cpu_100m,
+        "slice-1b": _slice_1b,
 }
 
 

@@ -247,16 +247,17 @@ def load_checkpoint(path: str, *, shardings=None, param_dtype: str | None = None
 
 
 def save_checkpoint(path: str, cfg: ModelConfig, params, *, dtype: str | None = None,
-                    max_shard_bytes: int = 2 << 30) -> None:
-    """Writes config.json + sharded safetensors with the official per-expert names.
+                    max_shard_bytes: int = 2 << 30, style: str = "transformers") -> None:
+    """Writes config.json (`cfg.to_hf(style)`) + sharded safetensors with the official per-expert names.
 
-    transformers' `MiniMaxForCausalLM.from_pretrained` loads the result (it converts per-expert tensors
-    into its fused layout). Routers are written in float32, as in the official checkpoint; other tensors
-    in `dtype` (default: the params' own dtype).
+    transformers' `MiniMaxForCausalLM.from_pretrained` loads the result of style "transformers" (it converts
+    per-expert tensors into its fused layout); style "official" is the official checkpoint's format. Routers are
+    written in float32, as in the official checkpoint; other tensors in `dtype` (default: the params' own dtype).
     """
+    config = cfg.to_hf(style)  # before any file is written: raises if the format cannot hold this model
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(cfg.to_hf(), f, indent=2)
+        json.dump(config, f, indent=2)
     plan = _leaf_plan(cfg, fused_experts=False)
     flat = {tuple(str(getattr(k, "key", k)) for k in p): leaf
             for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}

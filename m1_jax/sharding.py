@@ -27,6 +27,7 @@ from typing import Sequence
 
 import flax.linen as nn
 import jax
+from absl import logging
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -228,6 +229,60 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def with_shardings(shapes, shardings):
     """ShapeDtypeStructs of `shapes` carrying `shardings` (the target a checkpoint restores or a lowering takes)."""
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def activation_spec(logical_axes: Sequence[str | None], mesh) -> PartitionSpec:
+    """PartitionSpec of an activation from its logical axis names (the activation column of LOGICAL_RULES)."""
+    rules = dict(logical_rules(mesh))
+    return PartitionSpec(*(None if name is None else _entry(rules.get(name) or ()) for name in logical_axes))
+
+
+def context_mesh():
+    """The mesh set with `jax.set_mesh` (mesh_context) while tracing, or None when there is none or every axis
+    has size 1."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or all(size == 1 for size in mesh.shape.values()):
+        return None
+    return mesh
+
+
+def _divides(shape, spec, mesh) -> bool:
+    return all(size % math.prod(mesh.shape[a] for a in _spec_axes(entry)) == 0
+               for size, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))))
+
+
+def shard_map_by_logical_axes(fn, in_axes, out_axes, *, what: str):
+    """fn run per device under the context mesh, each operand split by the activation rules of its logical
+    axes (one tuple of names per positional operand, None = the whole array on every device); fn itself when no
+    mesh is set. For Pallas and FFI kernels, which GSPMD cannot partition: without this, XLA gathers their
+    operands onto every device (GPU) or refuses to compile (Mosaic on TPU).
+
+    It applies only where every mesh axis splits some operand and the mesh divides every operand's dims: the
+    backward pass sums a replicated operand's gradient over every mesh axis, which is right only when each
+    device holds distinct work. Elsewhere fn runs under GSPMD, with a warning naming `what`.
+    """
+    mesh = context_mesh()
+    if mesh is None:
+        return fn
+
+    def spec(axes):
+        return PartitionSpec() if axes is None else activation_spec(axes, mesh)
+
+    def run(*args):
+        in_specs = tuple(spec(axes) for axes in in_axes)
+        used = {a for s in in_specs for entry in s for a in _spec_axes(entry)}
+        present = {name for name, size in mesh.shape.items() if size > 1}
+        fits = all(arg is None or _divides(np.shape(arg), s, mesh) for arg, s in zip(args, in_specs))
+        if not fits or not present <= used:
+            logging.warning("%s runs under GSPMD, not per device: its operands (shapes %s) do not split over every "
+                            "axis of mesh %s as %s", what, [np.shape(a) for a in args], dict(mesh.shape), in_specs)
+            return fn(*args)
+        is_axes = lambda x: x is None or (isinstance(x, tuple) and all(isinstance(n, (str, type(None))) for n in x))
+        out_specs = jax.tree.map(spec, out_axes, is_leaf=is_axes)
+        # check_vma=False: Pallas and FFI calls declare outputs without varying-manual-axes types.
+        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
+
+    return run
 
 
 def mesh_context(mesh: Mesh | None):

@@ -10,11 +10,11 @@ import pytest
 from m1_jax.config import LIGHTNING, SOFTMAX, ModelConfig, get_config
 from m1_jax.model import count_params
 
-SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "minimax_m1")
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "minimax_m1")  # the official files, committed
 
 
 def _official():
-    with open(os.path.join(SHARED, "config.json")) as f:  # must fail, not skip, when missing in CI
+    with open(os.path.join(FIXTURES, "config.json")) as f:
         return json.load(f)
 
 
@@ -115,3 +115,25 @@ def test_decay_slopes_match_official_formula():
     np.testing.assert_allclose(decays[0], cfg.head_slopes() * (1 + 1e-5))
     np.testing.assert_allclose(decays[79], cfg.head_slopes() * 1e-5)
     np.testing.assert_allclose(decays[40], cfg.head_slopes() * (1 - 40 / 79 + 1e-5))
+
+
+def test_transformers_decay_convention_by_hand():
+    # transformers: 2^(-8(h+1)/H) for every H (no interleave), layer factor 1 - l / (L - 1 + 1e-5) + 1e-5.
+    odd = get_config("tiny").replace(num_heads=6, num_kv_heads=2, lightning_decay="transformers")
+    np.testing.assert_allclose(odd.head_slopes(), 2.0 ** (-8.0 * np.arange(1, 7) / 6), rtol=1e-12)
+    np.testing.assert_allclose(odd.lightning_decays()[3], odd.head_slopes() * (1 - 3 / (3 + 1e-5) + 1e-5), rtol=1e-12)
+
+
+def test_decay_convention_follows_the_checkpoint_format():
+    assert ModelConfig.from_hf(_official()).lightning_decay == "official"
+    native = {k: v for k, v in get_config("tiny").to_hf().items() if k != "lightning_decay_convention"}
+    assert ModelConfig.from_hf(native).lightning_decay == "transformers"  # model_type "minimax": transformers' code
+    for convention in ("official", "transformers"):  # our own files say which, in either style
+        cfg = get_config("tiny", num_heads=6, num_kv_heads=2, lightning_decay=convention)
+        assert ModelConfig.from_hf(cfg.to_hf(convention)).lightning_decay == convention
+        other = "transformers" if convention == "official" else "official"
+        # The other format's code would compute other decays for 6 heads: refused, not written.
+        with pytest.raises(ValueError, match=f"{other} code computes decays"):
+            cfg.to_hf(other)
+    with pytest.raises(ValueError, match="lightning_decay must be one of"):
+        get_config("tiny", lightning_decay="fla")

@@ -1,12 +1,13 @@
 """The dry run: abstract state, sharded compile, per-device memory table (tiny model; full M1 is `slow`)."""
 
+import importlib.util
 import os
 import subprocess
 import sys
 
 import pytest
 
-from m1_jax.train import build_setup
+from m1_jax.train.loop import build_setup
 from m1_jax.train import dry_run as dry_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,3 +85,21 @@ def test_full_m1_dry_run_fits():
     assert res.returncode == 0, res.stderr[-3000:]
     assert "over 512 cpu devices" in res.stdout and "compiled the full depth (10 layer groups)" in res.stdout
     assert "fits H100 80GB" in res.stdout and "NO" not in res.stdout
+
+
+@pytest.mark.slow  # about a minute of XLA:TPU compile on 2 cores
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (pip install -e .[tpu])")
+def test_tiny_train_step_compiles_for_a_real_tpu_topology():
+    """XLA:TPU (not fake CPU devices) compiles the tiny train step for 4 v5p chips with the TPU kernels in it."""
+    c = tiny.get_config()
+    c.data.batch_size, c.data.seq_len = 8, 256
+    setup = build_setup(c, "2x2", dry_lib.topology_devices("v5p:2x2x1"))
+    assert {d.platform for d in setup.mesh.devices.flat} == {"tpu"}
+    out = dry_lib.dry_run(setup, groups=None, print_fn=lambda s: None)
+    assert out["tpu_kernels"] > 0 and out["fits"]["TPU v5p 95GB"]
+    assert out["compiled"]["temp_size_in_bytes"] > 0 and out["model_flops"] > 0
+
+
+def test_bad_topology_is_named():
+    with pytest.raises(ValueError, match="v5q"):
+        dry_lib.topology_devices("v5q:2x2x1")

@@ -1,5 +1,6 @@
 """HF checkpoint interop: names against the official index, errors, fused names, sharded streaming."""
 
+import gzip
 import json
 import os
 
@@ -13,12 +14,14 @@ from m1_jax.config import get_config
 from m1_jax.hf import hf_tensor_shapes, load_checkpoint, save_checkpoint
 from m1_jax.model import init_params
 
-SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "minimax_m1")
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "minimax_m1")  # the official files, committed
 
 
 def test_names_match_official_index_exactly():
-    with open(os.path.join(SHARED, "model.safetensors.index.json")) as f:  # fails, not skips, if missing
-        official = set(json.load(f)["weight_map"])
+    with gzip.open(os.path.join(FIXTURES, "model.safetensors.index.json.gz"), "rt") as f:
+        index = json.load(f)
+    official = set(index["weight_map"])
+    assert index["metadata"]["total_size"] == 912_210_767_872
     ours = hf_tensor_shapes(get_config("minimax-m1-80k"))
     assert len(official) == 8243
     assert set(ours) == official

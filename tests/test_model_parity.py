@@ -1,10 +1,12 @@
-"""Parity with transformers' PyTorch MiniMaxForCausalLM (fp32), both checkpoint directions.
+"""Parity with transformers' PyTorch MiniMaxForCausalLM, both checkpoint directions: our float32 logits
+against transformers' float64 ones.
 
-transformers 5.24 rotates the whole head (no partial RoPE) and builds slopes with the power-of-two ALiBi
-formula, so these configs use rotary_dim == head_dim and power-of-two head counts; partial RoPE is tested
-against its formula in test_model.py.
+transformers 5.24 rotates the whole head (no partial RoPE), so these configs use rotary_dim == head_dim (partial
+RoPE is tested against its formula in test_model.py). Its lightning decays follow its own convention, which
+checkpoints of its format load with (test_transformers_checkpoint_with_any_head_count).
 """
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -75,6 +77,18 @@ def _rel_err(ours, ref):
     return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
 
 
+def _assert_matches_transformers(ours, model, tokens):
+    """Our float32 logits against transformers' in float64 (its eager expert loop: torch has no float64 grouped
+    matmul): within REL_TOL, or, where rounding in six random layers amplifies beyond that, no farther from
+    float64 than transformers' own float32 logits are."""
+    fp64 = copy.deepcopy(model).double()
+    fp64.config._experts_implementation = "eager"
+    with torch.no_grad():
+        truth = fp64(torch.as_tensor(tokens)).logits.numpy()
+    bound = max(REL_TOL, _rel_err(_hf_logits(model, tokens), truth))
+    assert _rel_err(ours, truth) <= bound, (_rel_err(ours, truth), bound)
+
+
 @pytest.mark.parametrize("case_idx", range(len(CASES)))
 def test_hf_to_ours(tmp_path, case_idx):
     case = CASES[case_idx]
@@ -86,8 +100,7 @@ def test_hf_to_ours(tmp_path, case_idx):
     assert loaded_cfg.layer_types == cfg.layer_types
     tokens = np.random.default_rng(case_idx).integers(0, cfg.vocab_size, (2, case.seq_len))
     ours = np.asarray(MiniMaxM1(loaded_cfg).apply({"params": params}, tokens)[0])
-    ref = _hf_logits(hf_model, tokens)
-    assert _rel_err(ours, ref) <= REL_TOL, _rel_err(ours, ref)
+    _assert_matches_transformers(ours, hf_model, tokens)
 
 
 @pytest.mark.parametrize("case_idx", range(len(CASES)))
@@ -103,5 +116,35 @@ def test_ours_to_hf(tmp_path, case_idx):
     hf_model = transformers.MiniMaxForCausalLM.from_pretrained(str(tmp_path), attn_implementation="eager").eval()
     tokens = np.random.default_rng(100 + case_idx).integers(0, cfg.vocab_size, (2, case.seq_len))
     ours = np.asarray(MiniMaxM1(cfg).apply({"params": params}, tokens)[0])
+    _assert_matches_transformers(ours, hf_model, tokens)
+
+
+# Keys of our config.json that transformers' MiniMaxConfig does not know: a checkpoint transformers itself writes
+# has none of them (it then runs, and we must load, transformers' decay convention).
+_NOT_TRANSFORMERS = ("attn_type_list", "rotary_dim", "postnorm", "shared_intermediate_size", "lightning_decay_convention",
+                     *(f"layernorm_{a}_{b}" for a in ("linear_attention", "full_attention", "mlp") for b in ("alpha", "beta")))
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (6, 2), (12, 4)])
+def test_transformers_checkpoint_with_any_head_count(tmp_path, heads, kv_heads):
+    """A checkpoint of transformers' own making loads with transformers' decays (its slopes are not the
+    official ones unless the head count is a power of two), and saves back to the same logits."""
+    case = Case(("lightning", "softmax", "lightning"), heads, kv_heads, 4, 2, 16, 40)
+    cfg = _our_config(case, seed=heads).replace(lightning_decay="transformers")
+    native = {k: v for k, v in cfg.to_hf().items() if k not in _NOT_TRANSFORMERS}
+    hf_model = _hf_model(native, seed=heads)
+    hf_model.save_pretrained(tmp_path / "hf")
+    loaded_cfg, params = load_checkpoint(str(tmp_path / "hf"), dtype="float32", attention_block_q=16,
+                                         attention_block_kv=16, remat_policy="none")
+    assert loaded_cfg.lightning_decay == "transformers"
+    tokens = np.random.default_rng(heads).integers(0, cfg.vocab_size, (2, case.seq_len))
+    logits = lambda c, p: np.asarray(MiniMaxM1(c).apply({"params": p}, tokens)[0])  # noqa: E731
     ref = _hf_logits(hf_model, tokens)
-    assert _rel_err(ours, ref) <= REL_TOL, _rel_err(ours, ref)
+    _assert_matches_transformers(logits(loaded_cfg, params), hf_model, tokens)
+    official = _rel_err(logits(loaded_cfg.replace(lightning_decay="official"), params), ref)
+    assert (official <= REL_TOL) == (heads & (heads - 1) == 0), official  # the conventions differ off powers of 2
+
+    save_checkpoint(str(tmp_path / "ours"), loaded_cfg, params)
+    again = transformers.MiniMaxForCausalLM.from_pretrained(str(tmp_path / "ours"), attn_implementation="eager")
+    assert _rel_err(_hf_logits(again.eval(), tokens), ref) <= REL_TOL
+    assert load_checkpoint(str(tmp_path / "ours"))[0].lightning_decay == "transformers"

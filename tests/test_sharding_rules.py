@@ -12,7 +12,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from m1_jax import sharding
 from m1_jax.config import get_config
 from m1_jax.model import abstract_params, init_params
-from m1_jax.train import distributed, train
+from m1_jax.train import distributed
+from m1_jax.train.loop import train
 from m1_jax.train import optimizer as opt_lib
 from m1_jax.train import state as state_lib
 from m1_jax.train.metrics import read_metrics

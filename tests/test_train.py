@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from m1_jax.config import get_config
-from m1_jax.train import CheckpointError, build_setup, train
+from m1_jax.train.checkpoint import CheckpointError
+from m1_jax.train.loop import build_setup, train
 from m1_jax.train import optimizer as opt_lib
 from m1_jax.train import state as state_lib
 from m1_jax.train import step as step_lib

@@ -4,10 +4,28 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from m1_jax import sharding
 from m1_jax.config import ModelConfig
 from m1_jax.layers.norms import rms_norm
 from m1_jax.layers.partitioning import param
 from pallas_kernels.lightning_attention import lightning_attention, lightning_attention_step
+
+
+_QKV = ("batch", "length", "heads", "head_dim")
+_STATE = ("batch", "heads", None, None)
+
+
+def lightning_per_device(q_BxLxHxK, k_BxLxHxK, v_BxLxHxV, decay_H, state_BxHxKxV=None, segment_ids_BxL=None, *,
+                         impl="auto", block_size=256, interpret=False):
+    """(o, final state) of `lightning_attention`, run per device (batch over the batch axes, heads over the
+    tensor axis, the sequence whole) when a mesh is set: a Pallas kernel is not partitioned by GSPMD."""
+    def attend(q, k, v, decay, state, segments):
+        return lightning_attention(q, k, v, decay, impl=impl, initial_state=state, return_final_state=True,
+                                   block_size=block_size, segment_ids=segments, interpret=interpret)
+
+    fn = sharding.shard_map_by_logical_axes(attend, (_QKV, _QKV, _QKV, ("heads",), _STATE, ("batch", "length")),
+                                            (_QKV, _STATE), what="lightning attention")
+    return fn(q_BxLxHxK, k_BxLxHxK, v_BxLxHxV, decay_H, state_BxHxKxV, segment_ids_BxL)
 
 
 class LightningAttention(nn.Module):
@@ -42,10 +60,9 @@ class LightningAttention(nn.Module):
             o_BxHxV, new_state = lightning_attention_step(q[:, 0], k[:, 0], v[:, 0], decay_H, state_BxHxKxV)
             o_BxLxHxV = o_BxHxV[:, None]
         else:
-            out = lightning_attention(q, k, v, decay_H, impl=cfg.lightning_impl, initial_state=state_BxHxKxV,
-                                      return_final_state=return_state, block_size=cfg.block_size,
-                                      segment_ids=segment_ids_BxL)
-            o_BxLxHxV, new_state = out if return_state else (out, None)
+            o_BxLxHxV, new_state = lightning_per_device(q, k, v, decay_H, state_BxHxKxV, segment_ids_BxL,
+                                                        impl=cfg.lightning_impl, block_size=cfg.block_size)
+            new_state = new_state if return_state else None
         # RMSNorm jointly over all heads' channels (not per head), eps 1e-6 as in the official code.
         o_BxLxF = rms_norm(o_BxLxHxV.astype(dtype).reshape(B, L, H * Dh), w_norm.reshape(H * Dh),
                            cfg.lightning_norm_eps)

@@ -5,10 +5,13 @@ SwiGLU matmuls as grouped matmuls (`pallas_kernels.grouped_matmul`, at the route
 implementation is `ModelConfig.moe_grouped_matmul`). No row is ever dropped.
 """
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from m1_jax import sharding
 from m1_jax.config import ModelConfig
 from m1_jax.layers.partitioning import param
 from pallas_kernels.grouped_matmul import grouped_matmul
@@ -87,6 +90,17 @@ def moe_dropless(x_TxD, weights_TxK, experts_TxK, w_gate_ExDxF, w_up_ExDxF, w_do
     return out_TxD.astype(x_TxD.dtype)
 
 
+def moe_per_device(x_TxD, weights_TxK, experts_TxK, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, *, impl="auto"):
+    """moe_dropless run per device when a mesh is set: each device sorts and multiplies its own tokens (the
+    batch axes split the tokens; the experts' weights are gathered whole, as FSDP does for a dense layer). GSPMD
+    could not split the global sort, nor partition the grouped matmul kernels. On a mesh with a model-parallel
+    axis it runs under GSPMD (sharding.shard_map_by_logical_axes); use moe_impl="expert_parallel" there."""
+    fn = sharding.shard_map_by_logical_axes(
+        functools.partial(moe_dropless, impl=impl), (("batch", None), ("batch", None), ("batch", None), None, None,
+                                                     None), ("batch", None), what="the dropless MoE")
+    return fn(x_TxD, weights_TxK, experts_TxK, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
+
+
 def moe_params(module: nn.Module, cfg: ModelConfig):
     """Declares (router [D,E], w_gate [E,D,F], w_up [E,D,F], w_down [E,F,D]) on `module`: one layout for
     every MoE implementation, so checkpoints and shardings do not depend on which one runs."""
@@ -126,6 +140,6 @@ class MoE(nn.Module):
         mask_T = None if token_mask_BxL is None else token_mask_BxL.reshape(-1)
         weights_TxK, experts_TxK, stats = route(h_TxD, w_router, cfg.num_experts_per_tok,
                                                 jitter_TxD=router_jitter(self, cfg, h_TxD.shape), mask_T=mask_T)
-        y_TxD = moe_dropless(h_TxD.astype(dtype), weights_TxK, experts_TxK, w_gate.astype(dtype),
-                             w_up.astype(dtype), w_down.astype(dtype), impl=cfg.moe_grouped_matmul)
+        y_TxD = moe_per_device(h_TxD.astype(dtype), weights_TxK, experts_TxK, w_gate.astype(dtype),
+                               w_up.astype(dtype), w_down.astype(dtype), impl=cfg.moe_grouped_matmul)
         return y_TxD.reshape(B, L, D), stats

@@ -14,13 +14,16 @@ gradients, saved residuals). The table says when it did so.
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
+from m1_jax import flops as flops_lib
 from m1_jax import sharding as sharding_lib
 from m1_jax.config import ModelConfig
 from m1_jax.train import optimizer as opt_lib
@@ -32,6 +35,21 @@ _BATCH_DTYPES = {"tokens": jnp.int32, "targets": jnp.int32, "segment_ids": jnp.i
                  "loss_mask": jnp.float32}
 _COMPILED_KEYS = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
                   "generated_code_size_in_bytes")
+
+
+def topology_devices(name: str):
+    """The devices of a real TPU topology such as "v5p:8x8x8", for an ahead-of-time XLA:TPU compile on a host
+    without TPUs (jax.experimental.topologies; needs the libtpu wheel). ValueError when that is not possible."""
+    if importlib.util.find_spec("libtpu") is None:
+        raise ValueError(f"--dry_run_topology={name} compiles through XLA:TPU, which needs libtpu: pip install -e "
+                         ".[tpu] (libtpu 0.0.42.*, the pin of jax 0.10.2's tpu extra)")
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no TPU metadata server on this host
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: no TPU to lock against other processes
+    from jax.experimental import topologies
+    try:
+        return list(topologies.get_topology_desc(name, "tpu").devices)
+    except Exception as e:  # libtpu's own message names the bad field
+        raise ValueError(f"TPU topology {name!r}: {str(e).splitlines()[0]} (e.g. v5p:2x2x1, v5p:8x8x8)") from None
 
 
 def reduced_depth(cfg: ModelConfig, groups: int) -> ModelConfig:
@@ -73,6 +91,12 @@ def _memory(compiled) -> dict[str, float]:
     return {k: float(getattr(ma, k)) for k in _COMPILED_KEYS}
 
 
+def _flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float((cost or {}).get("flops", float("nan")))
+
+
 def dry_run(setup, *, groups: int | None = None, print_fn: Callable[[str], None] = print) -> dict[str, Any]:
     """Runs the dry run for a validated `loop.Setup`; prints and returns the per-device memory table.
 
@@ -90,17 +114,21 @@ def dry_run(setup, *, groups: int | None = None, print_fn: Callable[[str], None]
 
     G = full.num_groups
     depths = [G] if groups is None or groups >= G else [groups, groups + 1]
-    compiled_mem, seconds = [], 0.0
+    compiled_mem, compiled_flops, seconds = [], [], 0.0
     for g in depths:
         compiled, secs = compile_step(reduced_depth(full, g), tx, schedule, mesh, setup.batch_size,
                                       setup.seq_len, setup.grad_accum_steps, setup.loss_chunk_size)
         compiled_mem.append(_memory(compiled))
+        compiled_flops.append(_flops(compiled))
+        kernels = compiled.as_text().count("custom_call_target=\"tpu_custom_call\"")
         seconds += secs
     if len(depths) == 1:
-        mem = compiled_mem[0]
+        mem, xla_flops = compiled_mem[0], compiled_flops[0]
     else:  # linear in the number of groups: m(G) = m(g) + (G - g) * (m(g+1) - m(g))
         g = depths[0]
         mem = {k: compiled_mem[0][k] + (G - g) * (compiled_mem[1][k] - compiled_mem[0][k]) for k in _COMPILED_KEYS}
+        xla_flops = compiled_flops[0] + (G - g) * (compiled_flops[1] - compiled_flops[0])
+    model_flops = 3.0 * setup.batch_size * flops_lib.forward_flops(full, setup.seq_len) / mesh.devices.size
     peak = (mem["argument_size_in_bytes"] + mem["output_size_in_bytes"] - mem["alias_size_in_bytes"]
             + mem["temp_size_in_bytes"])
     activations = max(mem["temp_size_in_bytes"] - grad_bytes, 0.0)
@@ -130,6 +158,10 @@ def dry_run(setup, *, groups: int | None = None, print_fn: Callable[[str], None]
         f"  compiled temporaries                       {gb(mem['temp_size_in_bytes'])}",
         f"  activations ~ temporaries - fp32 grads     {gb(activations)}",
         f"  peak = args + outputs - aliased + temps    {gb(peak)}",
+        f"per-device TFLOP per step: model (m1_jax.flops, 3 x forward) {model_flops / 1e12:.4g}; "
+        f"{platform.upper()} cost analysis {xla_flops / 1e12:.4g} (it counts each loop body once and Pallas "
+        "kernels only by their declared cost)",
+        f"Pallas TPU kernels (Mosaic custom calls) in the compiled step: {kernels}",
     ]
     fits = {}
     for name, limit in DEVICE_MEMORY:
@@ -144,6 +176,6 @@ def dry_run(setup, *, groups: int | None = None, print_fn: Callable[[str], None]
                          "rerun with --dry_run_groups=0 (full depth; the scanned groups compile once)")
     for line in lines:
         print_fn(line)
-    return {"param_bytes": param_bytes, "opt_bytes": opt_bytes, "grad_bytes": grad_bytes, "compiled": mem,
+    return {"tpu_kernels": kernels, "model_flops": model_flops, "xla_flops": xla_flops, "param_bytes": param_bytes, "opt_bytes": opt_bytes, "grad_bytes": grad_bytes, "compiled": mem,
             "compiled_per_depth": compiled_mem, "peak_bytes": peak, "activation_bytes": activations, "fits": fits, "depths": depths,
             "compile_seconds": seconds, "lines": lines}
