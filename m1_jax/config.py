@@ -31,6 +31,7 @@ MOE_BACKENDS = ("capacity", "ragged")
 # pallas_kernels.grouped_matmul.IMPLS (listed here so that this module needs no jax; a test keeps them equal).
 GROUPED_MATMUL_IMPLS = ("auto", "pallas_gpu", "pallas_tpu", "bucketed", "blas", "ragged_dot", "reference")
 MATMUL_PRECISIONS = ("auto", "default", "high", "highest")
+SOFTMAX_IMPLS = ("auto", "pallas_gpu", "pallas_tpu", "blockwise", "reference")  # pallas_kernels.softmax_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,10 +95,12 @@ class ModelConfig:
     # CPU, 256 x 128 keeps the score tile in L2 (measured fastest for the CPU presets).
     attention_block_q: int = 512
     attention_block_kv: int = 512
-    # Lightning-attention implementation: "auto" (Pallas kernel on GPU/TPU, chunked JAX on CPU), "chunked",
-    # "pallas_gpu", "pallas_tpu". Under a sharded jit without shard_map, prefer "chunked": XLA cannot split a
-    # Pallas call and would gather its inputs onto every device.
+    # Lightning-attention implementation: "auto" (Pallas kernel on the TPU/CUDA platform compiled for, chunked JAX
+    # elsewhere), "chunked", "pallas_gpu", "pallas_tpu". Under a mesh the model runs it per device (shard_map).
     lightning_impl: str = "auto"
+    # Softmax-attention implementation (pallas_kernels.softmax_attention): "auto" = splash on TPU, Triton flash on
+    # CUDA, the blockwise pure-JAX path elsewhere; under a mesh it runs per device (shard_map), like lightning.
+    softmax_impl: str = "auto"
     # Rematerialise each scanned layer group in the backward pass ("none" | "full" | "dots").
     remat_policy: str = "full"
     # Layer groups per iteration of the scan over groups: 1 keeps the compiled model one group long (fast
@@ -138,6 +141,8 @@ class ModelConfig:
                 bad(f"{name} must be one of {_DTYPES}, got {getattr(self, name)!r}")
         if self.lightning_impl not in ("auto", "chunked", "reference", "pallas_gpu", "pallas_tpu"):
             bad(f"lightning_impl must be auto|chunked|reference|pallas_gpu|pallas_tpu, got {self.lightning_impl!r}")
+        if self.softmax_impl not in SOFTMAX_IMPLS:
+            bad(f"softmax_impl must be one of {SOFTMAX_IMPLS}, got {self.softmax_impl!r}")
         if self.remat_policy not in ("none", "full", "dots"):
             bad(f"remat_policy must be 'none', 'full' or 'dots', got {self.remat_policy!r}")
         if not (isinstance(self.scan_unroll, int) and self.scan_unroll >= 1):

@@ -184,22 +184,70 @@ def test_dispatch_and_errors():
         lightning_attention(q, k, v, decay, impl="pallas_gpu")
     with pytest.raises(ValueError, match="needs a tpu backend"):
         lightning_attention(q, k, v, decay, impl="pallas_tpu")
-    seg = jnp.asarray(np.repeat(np.arange(3), 8)[None], jnp.int32)
-    with pytest.raises(ValueError, match="does not support segment_ids"):
-        lightning_attention(q, k, v, decay, impl="pallas_tpu", segment_ids=seg, interpret=True)
     with pytest.raises(ValueError, match="decay must be >= 0"):
         lightning_attention(q, k, v, -decay, impl="pallas_gpu", interpret=True)
     with pytest.raises(ValueError, match="share a dtype"):
         lightning_attention(q, k.astype(jnp.bfloat16), v, decay, impl="pallas_tpu", interpret=True)
 
 
-def test_auto_falls_back_to_chunked_with_segments_on_kernel_backends(monkeypatch):
-    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-    seg = jnp.zeros((1, 8), jnp.int32)
-    assert api.resolve_impl("auto") == "pallas_tpu"
-    assert api.resolve_impl("auto", segment_ids=seg) == "chunked"
+def test_resolve_impl_by_platform(monkeypatch):
+    assert api.resolve_impl("auto", platform="tpu") == "pallas_tpu"
+    assert api.resolve_impl("auto", platform="cuda") == "pallas_gpu"
+    assert api.resolve_impl("auto", platform="cpu") == "chunked"
+    assert api.resolve_impl("chunked", platform="tpu") == "chunked"
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert api.resolve_impl("auto") == "pallas_gpu"
+
+
+def _random_segments(rng, B, N, C):
+    """Per row: documents of random lengths (one-token ones among them), one boundary on a chunk edge."""
+    rows = []
+    for _ in range(B):
+        cuts = set(rng.choice(np.arange(1, N), size=min(N - 1, rng.integers(1, 6)), replace=False).tolist())
+        cuts |= {C} if C < N else set()  # a reset exactly on a chunk boundary
+        cuts |= {N - 1} if N > 2 else set()  # a one-token document at the end
+        if N > 4:
+            cuts |= {2, 3}  # a one-token document (token 2)
+        ids = np.zeros(N, np.int32)
+        for c in sorted(cuts):
+            ids[c:] += 1
+        rows.append(ids + 1)
+    return jnp.asarray(np.stack(rows))
+
+
+SEGMENT_CASES = [  # B, N, H, K, V, block, dtype, tolerance
+    (2, 45, 3, 8, 16, 16, jnp.float32, 1e-5),
+    (1, 64, 2, 16, 16, 16, jnp.float32, 1e-5),   # whole chunks only
+    (2, 50, 4, 16, 32, 16, jnp.bfloat16, 2e-2),
+]
+
+
+@pytest.mark.parametrize("impl", KERNELS)
+@pytest.mark.parametrize("case", SEGMENT_CASES, ids=lambda c: f"B{c[0]}N{c[1]}H{c[2]}C{c[5]}-{c[6].__name__}")
+def test_kernel_with_segments_matches_reference(impl, case):
+    """State resets at each document start, in the forward and in all three backward sweeps."""
+    B, N, H, K, V, C, dtype, tol = case
+    rng = np.random.default_rng(N + H)
+    q, k, v, s0, do, dsf = make_inputs(N * 3 + H, B, N, H, K, V, dtype)
+    seg = _random_segments(rng, B, N, C)
+    decay = decays(H)
+
+    def run(impl, q, k, v):
+        def f(q, k, v, s0):
+            if impl == "reference":
+                return reference.lightning_attention_reference(q, k, v, decay, s0, seg)
+            return lightning_attention(q, k, v, decay, impl=impl, initial_state=s0, return_final_state=True,
+                                       block_size=C, segment_ids=seg, interpret=True)
+        (o, sf), vjp = jax.vjp(f, q, k, v, s0)
+        return (o, sf) + vjp((do.astype(o.dtype), dsf))
+
+    got = jax.jit(functools.partial(run, impl))(q, k, v)
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    want = run("reference", f32(q), f32(k), f32(v))
+    unsegmented = lightning_attention(f32(q), f32(k), f32(v), decay, impl="reference", initial_state=s0)
+    assert rel_err(unsegmented, want[0]) > 10 * tol  # the resets matter in this case
+    for name, g, w in zip(("o", "state", "dq", "dk", "dv", "ds0"), got, want):
+        assert rel_err(g, w) <= tol, (name, rel_err(g, w))
 
 
 def test_auto_picks_the_kernel_of_the_platform_compiled_for():

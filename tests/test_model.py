@@ -11,7 +11,7 @@ from m1_jax.config import get_config
 from m1_jax.layers.moe import aux_loss_from_stats, load_balance_stats, moe_dropless, route_top_k
 from m1_jax.layers.norms import rms_norm
 from m1_jax.layers.rope import apply_rope, rope_cos_sin
-from m1_jax.layers.softmax_attention import blockwise_attention
+from pallas_kernels.softmax_attention.blockwise import blockwise_attention
 from m1_jax.model import MiniMaxM1, abstract_params, init_params
 
 RNG = np.random.default_rng

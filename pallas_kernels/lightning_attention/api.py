@@ -7,11 +7,10 @@ Implementations (impl=...):
   "pallas_gpu"  Pallas Triton GPU kernel (gpu.py), custom VJP. On CPU only with interpret=True.
   "auto"        by the platform the program is compiled for (`lax.platform_dependent`, so an ahead-of-time
                 lowering for TPU or CUDA from a CPU host picks that platform's kernel): pallas_tpu on TPU,
-                pallas_gpu on CUDA, chunked elsewhere (and whenever segment_ids is given).
+                pallas_gpu on CUDA, chunked elsewhere.
 
-The Pallas kernels do not support segment_ids (packed sequences): impl="auto" then falls back to "chunked";
-asking for a Pallas impl explicitly with segment_ids raises. They give decay a zero gradient (M1's decays are
-fixed functions of the layer index).
+Every impl takes segment_ids (packed documents: the state resets at each segment start, within and across
+blocks). The Pallas kernels give decay a zero gradient (M1's decays are fixed functions of the layer index).
 
 Sharding: XLA cannot partition a Pallas call. Under a mesh, call the Pallas impls inside `jax.shard_map` with
 batch and heads sharded (decay sharded like heads, sequence unsharded) and `check_vma=False`; otherwise XLA
@@ -33,13 +32,11 @@ IMPLS = ("auto", "reference", "chunked", "pallas_tpu", "pallas_gpu")
 _PALLAS_BACKEND = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}
 
 
-def resolve_impl(impl, *, segment_ids=None, platform=None):
+def resolve_impl(impl, *, platform=None):
     """The concrete implementation "auto" stands for when compiled for `platform` (default: the running
-    backend; "cuda"/"rocm" count as GPU)."""
+    backend; "cuda" counts as GPU)."""
     if impl != "auto":
         return impl
-    if segment_ids is not None:
-        return "chunked"
     platform = jax.default_backend() if platform is None else platform
     return {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cuda": "pallas_gpu"}.get(platform, "chunked")
 
@@ -73,9 +70,6 @@ def validate(q, k, v, decay, *, initial_state=None, segment_ids=None, impl="auto
     if impl not in IMPLS:
         raise ValueError(f"unknown impl {impl!r}; choose one of {IMPLS}.")
     if impl in _PALLAS_BACKEND:
-        if segment_ids is not None:
-            raise ValueError(f"impl={impl!r} does not support segment_ids (packed sequences); use impl='chunked' or "
-                             "impl='auto' (which falls back to chunked when segment_ids is given).")
         backend = jax.default_backend()
         if not interpret and backend != _PALLAS_BACKEND[impl]:
             raise ValueError(f"impl={impl!r} needs a {_PALLAS_BACKEND[impl]} backend but jax runs on {backend!r}; pass "
@@ -124,8 +118,8 @@ def lightning_attention(q, k, v, decay, *, impl="auto", initial_state=None, retu
       return_final_state: also return the final state [B, H, Dk, Dv] float32 (of the last segment).
       block_size: tokens per block (chunk); N need not be a multiple. pallas_tpu rounds it up to a multiple of 16,
         pallas_gpu uses a power of two in [16, 64].
-      segment_ids: optional int [B, N] of contiguous non-decreasing runs (packed sequences); the state resets at
-        each segment start. Not supported by the Pallas kernels.
+      segment_ids: optional int [B, N] of contiguous runs (packed sequences); the state resets at each segment
+        start (a change of id), and initial_state applies to the first segment only.
       interpret: run a Pallas kernel in interpret mode (True, or a `pltpu.InterpretParams` for pallas_tpu);
         ignored by the JAX paths.
 
@@ -134,16 +128,16 @@ def lightning_attention(q, k, v, decay, *, impl="auto", initial_state=None, retu
     """
     validate(q, k, v, decay, initial_state=initial_state, segment_ids=segment_ids, impl=impl, block_size=block_size,
              interpret=interpret)
-    if impl == "auto" and segment_ids is None:
+    if impl == "auto":
         B, _, H, K = _shape(q)
         s0 = (jnp.zeros((B, H, K, _shape(v)[3]), jnp.float32) if initial_state is None
               else initial_state.astype(jnp.float32))
-        run = lambda name: lambda q, k, v, s0: _run(name, q, k, v, decay, s0, None, block_size, False)  # noqa: E731
+        run = lambda name: lambda q, k, v, s0: _run(name, q, k, v, decay, s0, segment_ids, block_size,  # noqa: E731
+                                                    False)
         o, state = jax.lax.platform_dependent(q, k, v, s0, tpu=run("pallas_tpu"), cuda=run("pallas_gpu"),
                                               default=run("chunked"))
     else:
-        o, state = _run(resolve_impl(impl, segment_ids=segment_ids), q, k, v, decay, initial_state, segment_ids,
-                        block_size, interpret)
+        o, state = _run(impl, q, k, v, decay, initial_state, segment_ids, block_size, interpret)
     return (o, state) if return_final_state else o
 
 
@@ -155,11 +149,11 @@ def _run(impl, q, k, v, decay, initial_state, segment_ids, block_size, interpret
         o, state = chunked_lib.lightning_attention_chunked(q, k, v, decay, initial_state, segment_ids,
                                                            block_size=int(block_size))
     elif impl == "pallas_tpu":
-        o, state = tpu.lightning_attention_tpu(q, k, v, decay, initial_state, block_size=int(block_size),
-                                               interpret=interpret)
+        o, state = tpu.lightning_attention_tpu(q, k, v, decay, initial_state, segment_ids,
+                                               block_size=int(block_size), interpret=interpret)
     else:
-        o, state = gpu.lightning_attention_gpu(q, k, v, decay, initial_state, block_size=int(block_size),
-                                               interpret=interpret)
+        o, state = gpu.lightning_attention_gpu(q, k, v, decay, initial_state, segment_ids,
+                                               block_size=int(block_size), interpret=interpret)
     return o, state
 
 

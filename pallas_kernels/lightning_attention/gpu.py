@@ -38,24 +38,31 @@ def _pow2_at_least(x: int, lo: int) -> int:
     return p
 
 
-def _kernel(decay_ref, q_ref, k_ref, v_ref, s0_ref, o_ref, sf_ref, *, num_chunks, last_len, chunk, reverse):
+def _kernel(decay_ref, q_ref, k_ref, v_ref, s0_ref, *refs, num_chunks, last_len, chunk, reverse, segmented):
+    bound_ref, o_ref, sf_ref = refs if segmented else (None, *refs)
     lam = decay_ref[0]
 
     def body(c, state):
         idx = (num_chunks - 1 - c) if reverse else c
-        rows = pl.ds(pl.multiple_of(idx * chunk, chunk), chunk)
+        c0 = pl.multiple_of(idx * chunk, chunk)
+        rows = pl.ds(c0, chunk)
         # Arithmetic, not jnp.where: Triton's scalar select of two int literals lowers with a bool/int mix-up.
         m = chunk - (chunk - last_len) * (idx == num_chunks - 1).astype(jnp.int32)
+        seg = {}
+        if segmented:  # this sweep's segment bound of each row (start forward, end reverse), as a column
+            bound_Cx1 = bound_ref[rows][:, None]
+            seg = dict(c0=c0, end_Cx1=bound_Cx1) if reverse else dict(c0=c0, start_Cx1=bound_Cx1)
         o, new_state = kernel_common.chunk_step(q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], state, lam, m,
-                                                reverse=reverse)
+                                                reverse=reverse, **seg)
         o_ref[rows, :] = o.astype(o_ref.dtype)
         return new_state
 
     sf_ref[...] = lax.fori_loop(0, num_chunks, body, s0_ref[...].astype(jnp.float32))
 
 
-def sweep(q, k, v, decay, s0, *, reverse, chunk=64, interpret=False):
-    """q, k [B, N, H, K]; v [B, N, H, V]; decay [H]; s0 [B, H, K, V] -> (o [B, N, H, V] v.dtype, s_final f32)."""
+def sweep(q, k, v, decay, s0, bounds=None, *, reverse, chunk=64, interpret=False):
+    """q, k [B, N, H, K]; v [B, N, H, V]; decay [H]; s0 [B, H, K, V]; bounds None or kernel_common.segment_bounds
+    -> (o [B, N, H, V] v.dtype, s_final f32)."""
     B, N, H, K = q.shape
     V = v.shape[-1]
     C = _pow2_at_least(min(chunk, MAX_CHUNK, N), 16)
@@ -82,7 +89,13 @@ def sweep(q, k, v, decay, s0, *, reverse, chunk=64, interpret=False):
     def s_map(bh, vt):
         return lax.div(bh, H), lax.rem(bh, H), 0, vt
 
-    kernel = functools.partial(_kernel, num_chunks=nc, last_len=N - (nc - 1) * C, chunk=C, reverse=reverse)
+    segmented = bounds is not None
+    extra_specs, extra_args = [], []
+    if segmented:
+        bound = kernel_common.pad_bounds(*bounds, Np)[1 if reverse else 0]
+        extra_specs, extra_args = [pl.BlockSpec((None, Np), lambda bh, vt: (lax.div(bh, H), 0))], [bound]
+    kernel = functools.partial(_kernel, num_chunks=nc, last_len=N - (nc - 1) * C, chunk=C, reverse=reverse,
+                               segmented=segmented)
     o3, sf = pl.pallas_call(
         kernel,
         grid=(B * H, nv),
@@ -92,6 +105,7 @@ def sweep(q, k, v, decay, s0, *, reverse, chunk=64, interpret=False):
             pl.BlockSpec((None, Np, Kp), qk_map),
             pl.BlockSpec((None, Np, TV), v_map),
             pl.BlockSpec((None, None, Kp, TV), s_map),
+            *extra_specs,
         ],
         out_specs=[
             pl.BlockSpec((None, Np, TV), v_map),
@@ -103,7 +117,7 @@ def sweep(q, k, v, decay, s0, *, reverse, chunk=64, interpret=False):
         ],
         compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
         interpret=interpret,
-    )(lam_rows, q3, k3, v3, s0)
+    )(lam_rows, q3, k3, v3, s0, *extra_args)
     return o3.reshape(B, Np, H, Vp)[:, :N, :, :V], sf[:, :, :K, :V]
 
 
@@ -112,8 +126,11 @@ def _differentiable(chunk, interpret):
     return kernel_common.make_differentiable(functools.partial(sweep, chunk=chunk, interpret=interpret))
 
 
-def lightning_attention_gpu(q, k, v, decay, initial_state=None, *, block_size=64, interpret=False):
-    """Returns (o [B, N, H, V] in v's dtype, final_state [B, H, K, V] float32); differentiable in q, k, v, state."""
+def lightning_attention_gpu(q, k, v, decay, initial_state=None, segment_ids=None, *, block_size=64,
+                            interpret=False):
+    """Returns (o [B, N, H, V] in v's dtype, final_state [B, H, K, V] float32); differentiable in q, k, v, state.
+    segment_ids [B, N]: the state resets at each segment start (packed documents)."""
     B, _, H, K = q.shape
     s0 = jnp.zeros((B, H, K, v.shape[-1]), jnp.float32) if initial_state is None else initial_state
-    return _differentiable(int(block_size), interpret)(q, k, v, jnp.asarray(decay, jnp.float32), s0)
+    bounds = None if segment_ids is None else kernel_common.segment_bounds(segment_ids)
+    return _differentiable(int(block_size), interpret)(q, k, v, jnp.asarray(decay, jnp.float32), s0, bounds)

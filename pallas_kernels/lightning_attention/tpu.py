@@ -27,8 +27,8 @@ from pallas_kernels.lightning_attention import kernel_common
 VMEM_LIMIT_BYTES = 32 * 1024 * 1024  # far above need (C=256, D=128: ~2 MiB), within every TPU generation's VMEM
 
 
-def _kernel(decay_ref, q_ref, k_ref, v_ref, s0_ref, o_ref, sf_ref, state_scr, *, num_chunks, last_len, chunk,
-            reverse):
+def _kernel(decay_ref, q_ref, k_ref, v_ref, s0_ref, *refs, num_chunks, last_len, chunk, reverse, segmented):
+    bound_ref, o_ref, sf_ref, state_scr = refs if segmented else (None, *refs)
     bh, c = pl.program_id(0), pl.program_id(2)
 
     @pl.when(c == 0)
@@ -37,8 +37,12 @@ def _kernel(decay_ref, q_ref, k_ref, v_ref, s0_ref, o_ref, sf_ref, state_scr, *,
 
     chunk_idx = (num_chunks - 1 - c) if reverse else c
     m = jnp.where(chunk_idx == num_chunks - 1, last_len, chunk).astype(jnp.int32)
+    seg = {}
+    if segmented:  # this sweep's segment bound of each row (start forward, end reverse), a [C, 1] column
+        c0 = (chunk_idx * chunk).astype(jnp.int32)
+        seg = dict(c0=c0, end_Cx1=bound_ref[...]) if reverse else dict(c0=c0, start_Cx1=bound_ref[...])
     o, new_state = kernel_common.chunk_step(q_ref[...], k_ref[...], v_ref[...], state_scr[...], decay_ref[bh], m,
-                                            reverse=reverse)
+                                            reverse=reverse, **seg)
     o_ref[...] = o.astype(o_ref.dtype)
     state_scr[...] = new_state
 
@@ -47,8 +51,9 @@ def _kernel(decay_ref, q_ref, k_ref, v_ref, s0_ref, o_ref, sf_ref, state_scr, *,
         sf_ref[...] = new_state
 
 
-def sweep(q, k, v, decay, s0, *, reverse, chunk=256, interpret=False):
-    """q, k [B, N, H, K]; v [B, N, H, V]; decay [H]; s0 [B, H, K, V] -> (o [B, N, H, V] v.dtype, s_final f32)."""
+def sweep(q, k, v, decay, s0, bounds=None, *, reverse, chunk=256, interpret=False):
+    """q, k [B, N, H, K]; v [B, N, H, V]; decay [H]; s0 [B, H, K, V]; bounds None or kernel_common.segment_bounds
+    -> (o [B, N, H, V] v.dtype, s_final f32)."""
     B, N, H, K = q.shape
     V = v.shape[-1]
     C = kernel_common.round_up(min(chunk, N), 16)
@@ -88,7 +93,16 @@ def sweep(q, k, v, decay, s0, *, reverse, chunk=256, interpret=False):
         b, h = row(bh)
         return b, h, 0, vt
 
-    kernel = functools.partial(_kernel, num_chunks=nc, last_len=N - (nc - 1) * C, chunk=C, reverse=reverse)
+    segmented = bounds is not None
+    extra_specs, extra_args = [], []
+    if segmented:  # [B, Np, 1] (one row per (b, h) in the small-head layout): [C, 1] blocks, the full last dim
+        bound = kernel_common.pad_bounds(*bounds, Np)[1 if reverse else 0][:, :, None]
+        if not aligned:
+            bound = jnp.repeat(bound, H, axis=0)
+        extra_specs = [pl.BlockSpec((None, C, 1), lambda bh, vt, c: (row(bh)[0], chunk_of(c), 0))]
+        extra_args = [bound]
+    kernel = functools.partial(_kernel, num_chunks=nc, last_len=N - (nc - 1) * C, chunk=C, reverse=reverse,
+                               segmented=segmented)
     o3, sf = pl.pallas_call(
         kernel,
         grid=(Bv * Hv, nv, nc),
@@ -98,6 +112,7 @@ def sweep(q, k, v, decay, s0, *, reverse, chunk=256, interpret=False):
             pl.BlockSpec((None, C, K), qk_map),
             pl.BlockSpec((None, C, TV), v_map),
             pl.BlockSpec((None, None, K, TV), s_map),
+            *extra_specs,
         ],
         out_specs=[
             pl.BlockSpec((None, C, TV), v_map),
@@ -111,7 +126,7 @@ def sweep(q, k, v, decay, s0, *, reverse, chunk=256, interpret=False):
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"),
                                              vmem_limit_bytes=VMEM_LIMIT_BYTES),
         interpret=interpret,
-    )(lam_rows, q3, k3, v3, s0v.astype(jnp.float32))
+    )(lam_rows, q3, k3, v3, s0v.astype(jnp.float32), *extra_args)
     if aligned:
         o = o3.reshape(B, Np, H, V)
     else:
@@ -124,8 +139,11 @@ def _differentiable(chunk, interpret):
     return kernel_common.make_differentiable(functools.partial(sweep, chunk=chunk, interpret=interpret))
 
 
-def lightning_attention_tpu(q, k, v, decay, initial_state=None, *, block_size=256, interpret=False):
-    """Returns (o [B, N, H, V] in v's dtype, final_state [B, H, K, V] float32); differentiable in q, k, v, state."""
+def lightning_attention_tpu(q, k, v, decay, initial_state=None, segment_ids=None, *, block_size=256,
+                            interpret=False):
+    """Returns (o [B, N, H, V] in v's dtype, final_state [B, H, K, V] float32); differentiable in q, k, v, state.
+    segment_ids [B, N]: the state resets at each segment start (packed documents)."""
     B, _, H, K = q.shape
     s0 = jnp.zeros((B, H, K, v.shape[-1]), jnp.float32) if initial_state is None else initial_state
-    return _differentiable(int(block_size), interpret)(q, k, v, jnp.asarray(decay, jnp.float32), s0)
+    bounds = None if segment_ids is None else kernel_common.segment_bounds(segment_ids)
+    return _differentiable(int(block_size), interpret)(q, k, v, jnp.asarray(decay, jnp.float32), s0, bounds)
