@@ -4,7 +4,7 @@
 
 Times one MoE block, one lightning-attention and one softmax-attention module alone (jit / torch autograd,
 loss = sum of squared outputs, gradients for the input and every weight), median of --repeats after --warmup
-calls, each framework in its own subprocess. Shows where a train step's time goes (WORKSPACE.md 6.3).
+calls, each framework in its own subprocess. Shows where a train step's time goes (docs/RESULTS.md, train step).
 """
 
 import statistics

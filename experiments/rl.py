@@ -9,7 +9,7 @@ correlation, eval accuracy greedy and sampled avg@k) go to WORKDIR/metrics.jsonl
 
 With no flags (task digit_max, tiny model) it takes about 2 minutes on a 2-core CPU: an SFT warm-up that stops
 once held-out sampled accuracy reaches 0.3 (about 50 steps), then 40 CISPO steps on fresh train-split problems,
-which raise the held-out accuracy (WORKSPACE.md 6.9). --task=digit_count is the harder variant used for the
+which raise the held-out accuracy (docs/RESULTS.md, RL). --task=digit_count is the harder variant used for the
 CISPO/DAPO/GRPO comparison: its SFT plateaus for ~900 steps before it learns the rule, and when it crosses the
 0.3 target varies between runs (raise --warmup_max_steps, or pass --init_checkpoint). For mod_sum (100 problems)
 the eval set is fresh draws of the training problems, and the 12 held-out problems are scored too (reported as

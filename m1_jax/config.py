@@ -411,7 +411,7 @@ def _cpu_100m() -> ModelConfig:
             layer_types=_hybrid_types(8), rotary_dim=32, rope_theta=10_000.0, max_position_embeddings=1_048_576,
             lightning_alpha=(2 * 8) ** 0.25, softmax_alpha=(2 * 8) ** 0.25, mlp_alpha=(2 * 8) ** 0.25,
             # Lightning block 64, not M1's 256: the chunked CPU path's fwd+bwd is 2.3x faster at 4 x 256 tokens
-            # (WORKSPACE 6.3); results differ only by rounding, and torch runs the same config in bench_train.
+            # (measured); results differ only by rounding, and torch runs the same config in bench_train.
             block_size=64, num_experts=8, num_experts_per_tok=2, expert_dim=896, dtype="float32",
             attention_block_q=256, attention_block_kv=128,
             remat_policy="none")

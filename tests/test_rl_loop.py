@@ -274,7 +274,7 @@ def test_cispo_raises_heldout_accuracy(tmp_path):
     >= 0.3, then 40 CISPO steps on fresh train-split problems raise the sampled accuracy on held-out problems RL
     never sees, and the sampled train reward (last 10 steps against the first 10).
 
-    Measured (2-core CPU, WORKSPACE.md 6.9): held-out avg@8 0.55 -> 0.77. A flipped advantage sign or a loss on
+    Measured (2-core CPU, docs/RESULTS.md, RL): held-out avg@8 0.55 -> 0.77. A flipped advantage sign or a loss on
     the wrong tokens makes both fall.
     """
     cfg = get_config("tiny", fp32_lm_head=True)

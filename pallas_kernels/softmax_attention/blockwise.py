@@ -127,7 +127,7 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 def _one_query_block_attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL, scale):
     """All L queries are one block (L <= block_q): the blockwise loops would visit every key block anyway, so
     one masked [L, L] softmax with autodiff's backward does the same work without the loop machinery (2-3x
-    faster fwd+bwd on XLA:CPU at L = 256; WORKSPACE 6.3), and never pads L to a multiple of the tiles."""
+    faster fwd+bwd on XLA:CPU at L = 256, measured), and never pads L to a multiple of the tiles."""
     B, L, H, D = q_BxLxHxD.shape
     K = k_BxLxKxD.shape[2]
     q_BxLxKxGxD = q_BxLxHxD.reshape(B, L, K, H // K, D) * jnp.asarray(scale, q_BxLxHxD.dtype)
