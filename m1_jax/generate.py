@@ -243,6 +243,9 @@ def _pad_rows_to_multiple(x_Bx, multiple: int):
 
 def _shard_prompt_rows(tokens_BxP, lengths_B, mesh):
     """Prompt rows padded to the batch parallelism and split over the mesh's batch axes."""
+    if sharding_lib.context_axes(mesh):
+        raise ValueError(f"generation does not run with a context axis (mesh {dict(mesh.shape)}): decoding is one "
+                         "token at a time; use a mesh without context=")
     ways = sharding_lib.batch_parallelism(mesh)
     rows = sharding_lib.batch_sharding(mesh, ndim=1)
     return (jax.device_put(_pad_rows_to_multiple(tokens_BxP, ways), rows),

@@ -1,7 +1,8 @@
 """Device meshes from `--mesh` strings, the one logical-axis -> mesh-axis table, and divisibility checks.
 
 Modules only name logical axes ("embed", "experts", "batch", ...); this file says which mesh axes
-shard each of them. A mesh string is either positional ("8x64") or named ("data=8,expert=64").
+shard each of them. A mesh string is either positional ("8x64") or named ("data=8,expert=64", or with
+colons, "data:8,context:8").
 Positional names by rank: 1 -> data; 2 -> data x expert; 3 -> data x fsdp x expert;
 4 -> data x fsdp x expert x tensor.
 
@@ -17,6 +18,9 @@ Axes:
           (logical "expert_mlp") over `expert_ffn`; the batch still spans both. We chose a factored mesh
           over a rule that splits one axis unevenly because PartitionSpecs can only name whole axes.
 - tensor: attention heads / kv heads, the vocabulary and the expert FFN width (Megatron-style).
+- context: the sequence (sequence / context parallelism for long contexts): activations' "length" dim, and,
+          like data, the FSDP sharding of every parameter. Lightning layers combine the per-device states by
+          LASP-2 and softmax layers gather keys and values over it (m1_jax/layers/context_parallel.py).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from absl import logging
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "expert", "expert_ffn", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "expert", "expert_ffn", "tensor")
 _POSITIONAL = {
     1: ("data",),
     2: ("data", "expert"),
@@ -48,8 +52,9 @@ _BATCH = ("data", "fsdp", "expert", "expert_ffn")
 LOGICAL_RULES: tuple[tuple[str, tuple[str, ...] | None, tuple[str, ...] | None], ...] = (
     # logical       params                       activations
     ("batch",       None,                        _BATCH),
-    ("length",      None,                        None),
-    ("embed",       ("fsdp", "data", "expert", "expert_ffn"), None),
+    ("length",      None,                        ("context",)),
+    ("tokens",      None,                        _BATCH + ("context",)),  # batch x length flattened
+    ("embed",       ("fsdp", "data", "context", "expert", "expert_ffn"), None),
     ("vocab",       ("tensor",),                 ("tensor",)),
     ("heads",       ("tensor",),                 ("tensor",)),
     ("kv_heads",    ("tensor",),                 ("tensor",)),
@@ -61,10 +66,6 @@ LOGICAL_RULES: tuple[tuple[str, tuple[str, ...] | None, tuple[str, ...] | None],
 _PARAM_PRIORITY = ("experts", "expert_mlp", "heads", "kv_heads", "vocab", "embed")
 
 
-def _split_spec(spec: str) -> list[str]:
-    return spec.replace(" ", "").split(",") if "=" in spec else spec.replace(" ", "").split("x")
-
-
 def parse_mesh_shape(spec: str | None, num_devices: int | None) -> dict[str, int]:
     """{"axis": size} for a mesh string; None or "" means every device data-parallel.
 
@@ -74,7 +75,7 @@ def parse_mesh_shape(spec: str | None, num_devices: int | None) -> dict[str, int
         if num_devices is None:
             raise ValueError("an empty mesh spec needs the device count")
         return {"data": num_devices}
-    spec = spec.replace(" ", "")
+    spec = spec.replace(" ", "").replace(":", "=")
     if "=" in spec:
         shape = {}
         for part in spec.split(","):
@@ -209,6 +210,11 @@ def batch_axes(mesh: Mesh) -> tuple[str, ...]:
     return dict(logical_rules(mesh))["batch"] or ()
 
 
+def context_axes(mesh) -> tuple[str, ...]:
+    """The mesh axes (of size > 1) that split activations' "length" dim: the context-parallel axes."""
+    return dict(logical_rules(mesh))["length"] or ()
+
+
 def batch_parallelism(mesh: Mesh) -> int:
     """How many ways the batch dimension is split."""
     return math.prod(mesh.shape[a] for a in batch_axes(mesh))
@@ -251,7 +257,7 @@ def _divides(shape, spec, mesh) -> bool:
                for size, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))))
 
 
-def shard_map_by_logical_axes(fn, in_axes, out_axes, *, what: str):
+def shard_map_by_logical_axes(fn, in_axes, out_axes, *, what: str, fallback=None):
     """fn run per device under the context mesh, each operand split by the activation rules of its logical
     axes (one tuple of names per positional operand, None = the whole array on every device); fn itself when no
     mesh is set. For Pallas and FFI kernels, which GSPMD cannot partition: without this, XLA gathers their
@@ -259,11 +265,13 @@ def shard_map_by_logical_axes(fn, in_axes, out_axes, *, what: str):
 
     It applies only where every mesh axis splits some operand and the mesh divides every operand's dims: the
     backward pass sums a replicated operand's gradient over every mesh axis, which is right only when each
-    device holds distinct work. Elsewhere fn runs under GSPMD, with a warning naming `what`.
+    device holds distinct work. Elsewhere `fallback` (default fn; give one when fn uses collectives) runs under
+    GSPMD, with a warning naming `what`.
     """
     mesh = context_mesh()
+    fallback = fn if fallback is None else fallback
     if mesh is None:
-        return fn
+        return fallback
 
     def spec(axes):
         return PartitionSpec() if axes is None else activation_spec(axes, mesh)
@@ -276,7 +284,7 @@ def shard_map_by_logical_axes(fn, in_axes, out_axes, *, what: str):
         if not fits or not present <= used:
             logging.warning("%s runs under GSPMD, not per device: its operands (shapes %s) do not split over every "
                             "axis of mesh %s as %s", what, [np.shape(a) for a in args], dict(mesh.shape), in_specs)
-            return fn(*args)
+            return fallback(*args)
         is_axes = lambda x: x is None or (isinstance(x, tuple) and all(isinstance(n, (str, type(None))) for n in x))
         out_specs = jax.tree.map(spec, out_axes, is_leaf=is_axes)
         # check_vma=False: Pallas and FFI calls declare outputs without varying-manual-axes types.
@@ -326,13 +334,16 @@ def check_param_divisibility(boxed_tree, mesh: Mesh) -> None:
                          f"\nmesh {dict(mesh.shape)}; change --mesh or the model config")
 
 
-def check_activation_divisibility(cfg, mesh: Mesh, micro_batch: int | None = None) -> None:
-    """Host-side check of the activation dims the model constrains (batch, heads, kv heads, vocab)."""
+def check_activation_divisibility(cfg, mesh: Mesh, micro_batch: int | None = None,
+                                  seq_len: int | None = None) -> None:
+    """Host-side check of the activation dims the model constrains (batch, length, heads, kv heads, vocab)."""
     rules = dict(logical_rules(mesh))
     dims = [("heads", "num_heads", cfg.num_heads), ("kv_heads", "num_kv_heads", cfg.num_kv_heads),
             ("vocab", "vocab_size", cfg.vocab_size), ("experts", "num_experts", cfg.num_experts)]
     if micro_batch is not None:
         dims.insert(0, ("batch", "micro-batch size (data.batch_size / train.grad_accum_steps)", micro_batch))
+    if seq_len is not None:
+        dims.insert(1, ("length", "sequence length (data.seq_len)", seq_len))
     problems = []
     for logical, what, size in dims:
         axes = rules[logical] or ()

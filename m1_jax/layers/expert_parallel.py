@@ -288,11 +288,12 @@ def context_mesh(expert_axis: str = "expert"):
 
 
 def model_batch_axes(mesh, expert_axis: str = "expert") -> tuple[str, ...]:
-    """The axes the model's activations shard the batch over (sharding.py's "batch" rule: data, fsdp,
-    expert and expert_ffn where present), so tokens enter the shard_map without a reshard. Over an
+    """The axes the model's flattened tokens are split over (sharding.py's "tokens" rule: data, fsdp, expert and
+    expert_ffn where present, then context, which splits the length), so tokens enter the shard_map without a
+    reshard. Over an
     expert_ffn axis the expert weights are gathered at the shard_map boundary (each device runs its local
     experts' full FFN on its own tokens) and their gradients summed back over it by the transpose."""
-    present = [a for a in ("data", "fsdp", expert_axis, "expert_ffn") if a in mesh.axis_names]
+    present = [a for a in ("data", "fsdp", expert_axis, "expert_ffn", "context") if a in mesh.axis_names]
     return tuple(a for a in present if mesh.shape[a] > 1 or a == expert_axis)
 
 

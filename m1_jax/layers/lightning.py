@@ -6,6 +6,7 @@ import jax.numpy as jnp
 
 from m1_jax import sharding
 from m1_jax.config import ModelConfig
+from m1_jax.layers import context_parallel
 from m1_jax.layers.norms import rms_norm
 from m1_jax.layers.partitioning import param
 from pallas_kernels.lightning_attention import lightning_attention, lightning_attention_step
@@ -17,15 +18,32 @@ _STATE = ("batch", "heads", None, None)
 
 def lightning_per_device(q_BxLxHxK, k_BxLxHxK, v_BxLxHxV, decay_H, state_BxHxKxV=None, segment_ids_BxL=None, *,
                          impl="auto", block_size=256, interpret=False):
-    """(o, final state) of `lightning_attention`, run per device (batch over the batch axes, heads over the
-    tensor axis, the sequence whole) when a mesh is set: a Pallas kernel is not partitioned by GSPMD."""
+    """(o, final state) of `lightning_attention`, run per device when a mesh is set (a Pallas kernel is not
+    partitioned by GSPMD): batch over the batch axes, heads over the tensor axis, and the sequence over the
+    context axis, whose chunks are combined by LASP-2 (context_parallel.py)."""
     def attend(q, k, v, decay, state, segments):
         return lightning_attention(q, k, v, decay, impl=impl, initial_state=state, return_final_state=True,
                                    block_size=block_size, segment_ids=segments, interpret=interpret)
 
-    fn = sharding.shard_map_by_logical_axes(attend, (_QKV, _QKV, _QKV, ("heads",), _STATE, ("batch", "length")),
-                                            (_QKV, _STATE), what="lightning attention")
-    return fn(q_BxLxHxK, k_BxLxHxK, v_BxLxHxV, decay_H, state_BxHxKxV, segment_ids_BxL)
+    args = (q_BxLxHxK, k_BxLxHxK, v_BxLxHxV, decay_H, state_BxHxKxV, segment_ids_BxL)
+    in_axes = (_QKV, _QKV, _QKV, ("heads",), _STATE, ("batch", "length"))
+    mesh = sharding.context_mesh()
+    context = () if mesh is None else sharding.context_axes(mesh)
+    if not context:
+        return sharding.shard_map_by_logical_axes(attend, in_axes, (_QKV, _STATE), what="lightning attention")(*args)
+
+    def attend_chunk(*chunk_args):
+        return context_parallel.lasp2_lightning(attend, *chunk_args, axis=context)
+
+    def attend_whole(*whole_args):
+        o, state = attend(*whole_args)
+        return o, state[None]
+
+    # Every device returns the state after its own chunk (stacked over the context axis); the last is the final.
+    o, states = sharding.shard_map_by_logical_axes(attend_chunk, in_axes, (_QKV, ("length",) + _STATE),
+                                                   what="lightning attention (context parallel)",
+                                                   fallback=attend_whole)(*args)
+    return o, states[-1]
 
 
 class LightningAttention(nn.Module):

@@ -92,12 +92,12 @@ def moe_dropless(x_TxD, weights_TxK, experts_TxK, w_gate_ExDxF, w_up_ExDxF, w_do
 
 def moe_per_device(x_TxD, weights_TxK, experts_TxK, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, *, impl="auto"):
     """moe_dropless run per device when a mesh is set: each device sorts and multiplies its own tokens (the
-    batch axes split the tokens; the experts' weights are gathered whole, as FSDP does for a dense layer). GSPMD
+    batch and context axes split the tokens; the experts' weights are gathered whole, as FSDP does for a dense layer). GSPMD
     could not split the global sort, nor partition the grouped matmul kernels. On a mesh with a model-parallel
     axis it runs under GSPMD (sharding.shard_map_by_logical_axes); use moe_impl="expert_parallel" there."""
-    fn = sharding.shard_map_by_logical_axes(
-        functools.partial(moe_dropless, impl=impl), (("batch", None), ("batch", None), ("batch", None), None, None,
-                                                     None), ("batch", None), what="the dropless MoE")
+    tok = ("tokens", None)  # batch x length flattened: split over the batch and context axes
+    fn = sharding.shard_map_by_logical_axes(functools.partial(moe_dropless, impl=impl),
+                                            (tok, tok, tok, None, None, None), tok, what="the dropless MoE")
     return fn(x_TxD, weights_TxK, experts_TxK, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
 
 

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from m1_jax import sharding
 from m1_jax.config import ModelConfig
+from m1_jax.layers import context_parallel
 from m1_jax.layers.partitioning import param
 from m1_jax.layers.rope import apply_rope
 from pallas_kernels.softmax_attention import blockwise, softmax_attention
@@ -38,15 +39,31 @@ def decode_attention(q_BxTxHxD, k_cache_BxSxKxD, v_cache_BxSxKxD, q_pos_BxT, kv_
 
 def attention_per_device(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL=None, *, scale, impl="auto",
                          block_q=512, block_kv=512, interpret=False):
-    """`softmax_attention`, run per device (batch over the batch axes, heads and kv heads over the tensor axis,
-    the sequence whole) when a mesh is set: a Pallas kernel is not partitioned by GSPMD."""
+    """`softmax_attention`, run per device when a mesh is set (a Pallas kernel is not partitioned by GSPMD):
+    batch over the batch axes, heads and kv heads over the tensor axis. Over a context axis each device attends
+    its queries to the gathered keys (context_parallel.py; the blockwise path, as the Pallas kernels take no
+    query offset)."""
     def attend(q, k, v, segments):
         return softmax_attention(q, k, v, segments, scale=scale, impl=impl, block_q=block_q, block_kv=block_kv,
                                  interpret=interpret)
 
     qh, kvh = ("batch", "length", "heads", "head_dim"), ("batch", "length", "kv_heads", "head_dim")
-    fn = sharding.shard_map_by_logical_axes(attend, (qh, kvh, kvh, ("batch", "length")), qh,
-                                            what="softmax attention")
+    in_axes = (qh, kvh, kvh, ("batch", "length"))
+    mesh = sharding.context_mesh()
+    context = () if mesh is None else sharding.context_axes(mesh)
+    if not context:
+        fn = sharding.shard_map_by_logical_axes(attend, in_axes, qh, what="softmax attention")
+        return fn(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL)
+    if impl not in ("auto", "blockwise"):
+        raise ValueError(f"softmax_impl={impl!r} cannot run over the context axis {context}: only the blockwise "
+                         "path takes a query offset; use softmax_impl='auto' or 'blockwise'")
+
+    def attend_chunk(q, k, v, segments):
+        return context_parallel.gathered_kv_attention(q, k, v, segments, scale=scale, axis=context,
+                                                      block_q=block_q, block_kv=block_kv)
+
+    fn = sharding.shard_map_by_logical_axes(attend_chunk, in_axes, qh, what="softmax attention (context parallel)",
+                                            fallback=attend)
     return fn(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL)
 
 

@@ -148,6 +148,9 @@ def check_mesh(cfg: ModelConfig, rl: trainer_lib.RLConfig, mesh) -> None:
     """Host-side, before any compile: batch rows, parameter and activation dims all divide over the mesh."""
     if multi_device(mesh) is None:
         return
+    if sharding_lib.context_axes(mesh):
+        raise ValueError(f"RL does not run with a context axis (mesh {dict(mesh.shape)}): rollouts decode one token "
+                         "at a time, which sequence parallelism does not split; drop context= from --mesh")
     trainer_lib.check_mesh_divisibility(rl, mesh)
     sharding_lib.check_activation_divisibility(cfg, mesh)
     sharding_lib.check_param_divisibility(abstract_params(cfg, boxed=True), mesh)

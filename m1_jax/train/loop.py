@@ -83,7 +83,7 @@ def build_setup(config, mesh_spec: str | None = None, devices=None) -> Setup:
         raise ValueError(f"data.batch_size={batch} must be divisible by the {jax.process_count()} hosts")
     # Every parameter and activation dim against the mesh axes it maps to, before anything is traced.
     sharding_lib.check_param_divisibility(abstract_params(model, boxed=True), mesh)
-    sharding_lib.check_activation_divisibility(model, mesh, batch // accum)
+    sharding_lib.check_activation_divisibility(model, mesh, batch // accum, int(d.seq_len))
     tokenizer = load_tokenizer(d.tokenizer)
     if tokenizer.vocab_size > model.vocab_size:
         raise ValueError(f"tokenizer {tokenizer!r} has {tokenizer.vocab_size} ids but model.vocab_size is "

@@ -48,8 +48,8 @@ def chunked_cross_entropy(cfg: ModelConfig, h_BxLxD, head_DxV, targets_BxL, *, c
     plan = _shard_map_plan(mesh, h_BxLxD.shape, head_DxV.shape)
     if plan is None:
         return _chunked(cfg, h_BxLxD, head_DxV, targets_BxL, chunk_size, with_argmax, None, constrain=True)
-    batch_axes, head_spec = plan
-    tok = P(batch_axes)
+    batch_axes, context_axes, head_spec = plan
+    tok = P(batch_axes or None, context_axes or None)
     body = functools.partial(_chunked, cfg, chunk_size=chunk_size, with_argmax=with_argmax,
                              head_axes=_spec_axes(head_spec), constrain=False)
     # check_vma=False: every collective in the body is explicit (the head's all-gather and reduce-scatter),
@@ -64,24 +64,27 @@ def _spec_axes(spec) -> tuple[tuple[str, ...], ...]:
 
 
 def _shard_map_plan(mesh, h_shape, head_shape):
-    """(batch axes, head PartitionSpec) when the loss can run per device, else None (plain GSPMD).
+    """(batch axes, context axes, head PartitionSpec) when the loss can run per device, else None (GSPMD).
 
-    Per device needs every mesh axis of size > 1 to split the batch: over any other axis (tensor) the
-    devices would compute the same tokens, and gathering the head over it would sum their identical
-    gradients. The head's own axes (its FSDP-sharded embed dim) must be among the batch axes.
+    Per device needs every mesh axis of size > 1 to split the tokens (the batch, or the length over a context
+    axis): over any other axis (tensor) the devices would compute the same tokens, and gathering the head over
+    it would sum their identical gradients. The head's own axes (its FSDP-sharded embed dim) must be among them.
     """
     if mesh is None or mesh.empty:
         return None
     batch_axes = tuple(sharding_lib.batch_axes(mesh))
-    if not batch_axes or any(size > 1 and name not in batch_axes for name, size in mesh.shape.items()):
+    context_axes = tuple(sharding_lib.context_axes(mesh))
+    token_axes = batch_axes + context_axes
+    if not token_axes or any(size > 1 and name not in token_axes for name, size in mesh.shape.items()):
         return None
     head_spec = sharding_lib.param_spec(("embed", "vocab"), mesh)
     for axes, size in zip(_spec_axes(head_spec), head_shape):
-        if not set(axes) <= set(batch_axes) or size % math.prod(mesh.shape[a] for a in axes):
+        if not set(axes) <= set(token_axes) or size % math.prod(mesh.shape[a] for a in axes):
             return None
-    if h_shape[0] % math.prod(mesh.shape[a] for a in batch_axes):
-        return None
-    return batch_axes, head_spec
+    for size, axes in ((h_shape[0], batch_axes), (h_shape[1], context_axes)):
+        if size % math.prod(mesh.shape[a] for a in axes):
+            return None
+    return batch_axes, context_axes, head_spec
 
 
 def _chunked(cfg: ModelConfig, h_BxLxD, head_in, targets_BxL, chunk_size: int, with_argmax: bool,
