@@ -221,11 +221,29 @@ def batch_parallelism(mesh: Mesh) -> int:
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2, batch_dim: int = 0) -> NamedSharding:
-    """Shards dimension `batch_dim` of an ndim-array over the batch axes; the rest replicated."""
+    """Shards dimension `batch_dim` of an ndim-array over the batch axes, and the dim after it (the length of
+    [B, L] token arrays) over the context axes; the rest replicated."""
     spec = [None] * ndim
     axes = batch_axes(mesh)
     spec[batch_dim] = axes if axes else None
+    context = context_axes(mesh)
+    if context and batch_dim + 1 < ndim:
+        spec[batch_dim + 1] = _entry(context)
     return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def check_context_within_hosts(mesh: Mesh) -> None:
+    """Raises ValueError when a context group spans hosts: each host loads whole rows (train/loop.py)."""
+    context = context_axes(mesh)
+    if not context:
+        return
+    names = tuple(mesh.axis_names)
+    procs = np.vectorize(lambda d: d.process_index)(mesh.devices)
+    groups = np.moveaxis(procs, [names.index(a) for a in context], list(range(-len(context), 0)))
+    groups = groups.reshape(-1, math.prod(mesh.shape[a] for a in context))
+    if (groups != groups[:, :1]).any():
+        raise ValueError(f"the context axes {context} of mesh {dict(mesh.shape)} span several hosts, but each host "
+                         "loads whole rows; order the mesh so each context group sits on one host")
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from m1_jax import sharding
 from m1_jax.config import get_config
@@ -160,3 +160,18 @@ def test_parse_context_mesh_and_length_divisibility():
     cfg = get_config("tiny")
     with pytest.raises(ValueError, match="length"):
         sharding.check_activation_divisibility(cfg, mesh, micro_batch=2, seq_len=30)
+    # Token arrays [B, L] enter split over batch and context; rows [B] over the batch only.
+    assert sharding.batch_sharding(mesh).spec == P("data", "context")
+    assert sharding.batch_sharding(mesh, ndim=1).spec == P("data")
+    sharding.check_context_within_hosts(mesh)  # 8 fake devices of one process: fine
+
+
+def test_context_group_across_hosts_is_refused():
+    class FakeDevice:
+        def __init__(self, i):
+            self.id, self.process_index = i, i // 4
+
+    devices = np.asarray([FakeDevice(i) for i in range(8)]).reshape(2, 4)
+    across = Mesh(devices.T, ("data", "context"))  # context groups {0, 4}, ... span both hosts
+    with pytest.raises(ValueError, match="span several hosts"):
+        sharding.check_context_within_hosts(across)

@@ -84,6 +84,7 @@ def build_setup(config, mesh_spec: str | None = None, devices=None) -> Setup:
     # Every parameter and activation dim against the mesh axes it maps to, before anything is traced.
     sharding_lib.check_param_divisibility(abstract_params(model, boxed=True), mesh)
     sharding_lib.check_activation_divisibility(model, mesh, batch // accum, int(d.seq_len))
+    sharding_lib.check_context_within_hosts(mesh)
     tokenizer = load_tokenizer(d.tokenizer)
     if tokenizer.vocab_size > model.vocab_size:
         raise ValueError(f"tokenizer {tokenizer!r} has {tokenizer.vocab_size} ids but model.vocab_size is "
