@@ -59,8 +59,9 @@ def _worker_jax(cfg, tokens):
 def _worker_torch(cfg, tokens):
     import torch
     import transformers
+    from m1_jax import hf as hf_lib
 
-    config = transformers.MiniMaxConfig(**{k: v for k, v in cfg.to_hf().items()
+    config = transformers.MiniMaxConfig(**{k: v for k, v in hf_lib.config_to_hf(cfg).items()
                                            if k not in ("architectures", "model_type")})
     config._attn_implementation = FLAGS.torch_attn
     model = transformers.MiniMaxForCausalLM(config).eval()

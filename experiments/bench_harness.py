@@ -132,9 +132,10 @@ def torch_minimax(cfg, device: str = "cpu", attn: str = "sdpa"):
     import warnings
     import torch
     import transformers
+    from m1_jax import hf as hf_lib
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        hf = transformers.MiniMaxConfig(**cfg.to_hf())
+        hf = transformers.MiniMaxConfig(**hf_lib.config_to_hf(cfg))
     hf._attn_implementation = attn
     torch.manual_seed(0)
     return transformers.MiniMaxForCausalLM(hf).float().to(device).train()

@@ -67,10 +67,11 @@ def _run_torch(cfg, B, L):
     import torch
     import transformers
     from m1_jax.config import LIGHTNING, SOFTMAX
+    from m1_jax import hf as hf_lib
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        hf = transformers.MiniMaxConfig(**cfg.to_hf())
+        hf = transformers.MiniMaxConfig(**hf_lib.config_to_hf(cfg))
     hf._attn_implementation = "sdpa"
     torch.manual_seed(0)
     model = transformers.MiniMaxForCausalLM(hf).float().train()

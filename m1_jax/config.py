@@ -1,15 +1,13 @@
-"""ModelConfig: every architectural constant of MiniMax-M1, presets, and HF config mapping.
+"""ModelConfig: every architectural constant of MiniMax-M1, and presets.
 
-One frozen, hashable dataclass (static under jit). Presets come from `get_config(name)`. `from_hf` / `to_hf`
-read and write both the official config.json keys (`attn_type_list`, `layernorm_*_alpha`, `rotary_dim`) and
-transformers' keys (`layer_types`, `*_alpha_factor`, `rope_parameters`).
+One frozen, hashable dataclass (static under jit). Presets come from `get_config(name)`. The config.json
+mapping (official and transformers keys) is in hf.py (`config_from_hf`, `config_to_hf`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from typing import Any
 
 import numpy as np
@@ -19,8 +17,6 @@ SOFTMAX = "softmax"
 LAYER_TYPES = (LIGHTNING, SOFTMAX)
 
 # Official attn_type_list codes and transformers' layer_types names for our two layer kinds.
-_OFFICIAL_CODE = {LIGHTNING: 0, SOFTMAX: 1}
-_HF_NAME = {LIGHTNING: "linear_attention", SOFTMAX: "full_attention"}
 
 _DTYPES = ("float32", "bfloat16", "float16")
 # How the lightning decays are computed (head_slopes, layer_decay_factor): "official" as MiniMax's own code,
@@ -61,7 +57,7 @@ class ModelConfig:
     # The official code never passes the config eps to the lightning output norm, so it keeps 1e-6.
     lightning_norm_eps: float = 1e-6
     block_size: int = 256
-    # Lightning decay convention (DECAY_CONVENTIONS). from_hf sets it from the checkpoint's format: transformers'
+    # Lightning decay convention (DECAY_CONVENTIONS). hf.config_from_hf sets it from the checkpoint's format: transformers'
     # (model_type "minimax") decays for a transformers checkpoint, the official ones for the official checkpoint.
     lightning_decay: str = "official"
     # MoE.
@@ -219,159 +215,6 @@ class ModelConfig:
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
-
-    # ---------------------------------------------------------------- HF mapping
-    @classmethod
-    def from_hf(cls, hf: dict[str, Any], **overrides) -> "ModelConfig":
-        """Reads an official (MiniMax-AI) or transformers-style config.json dict."""
-        hf = dict(hf)
-        num_layers = int(hf["num_hidden_layers"])
-        num_heads = int(hf["num_attention_heads"])
-        head_dim = int(hf.get("head_dim") or hf["hidden_size"] // num_heads)
-        if "attn_type_list" in hf:
-            codes = {0: LIGHTNING, 1: SOFTMAX}
-            try:
-                layer_types = tuple(codes[int(c)] for c in hf["attn_type_list"])
-            except KeyError as e:
-                raise ValueError(f"attn_type_list holds {e.args[0]!r}; expected 0 (lightning) or 1 (softmax)") from None
-        elif "layer_types" in hf and hf["layer_types"] is not None:
-            names = {v: k for k, v in _HF_NAME.items()}
-            try:
-                layer_types = tuple(names[t] for t in hf["layer_types"])
-            except KeyError as e:
-                raise ValueError(f"layer_types holds {e.args[0]!r}; expected one of {list(names)}") from None
-        else:
-            # transformers' default when neither key is present: full attention at even layers.
-            layer_types = tuple(SOFTMAX if (i + 1) % 2 else LIGHTNING for i in range(num_layers))
-
-        rope = hf.get("rope_parameters") or {}
-        rope_theta = float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0)))
-        if hf.get("rotary_dim") is not None:
-            rotary_dim = int(hf["rotary_dim"])
-        elif rope.get("partial_rotary_factor") is not None or hf.get("partial_rotary_factor") is not None:
-            factor = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
-            rotary_dim = int(head_dim * float(factor))
-        else:
-            rotary_dim = head_dim  # what transformers computes with neither key: whole-head RoPE
-
-        def pick(official, hf_key, default=1.0):
-            for key in (official, hf_key):
-                if hf.get(key) is not None:
-                    return float(hf[key])
-            return default
-
-        if hf.get("shared_intermediate_size"):
-            raise ValueError(f"shared experts (shared_intermediate_size={hf['shared_intermediate_size']}) "
-                                              "are not supported; MiniMax-M1 has none")
-        if hf.get("postnorm") is False:
-            raise ValueError("postnorm=false is not supported; MiniMax-M1 uses post-norm residuals")
-        kwargs = dict(
-                vocab_size=int(hf["vocab_size"]),
-                hidden_size=int(hf["hidden_size"]),
-                num_layers=num_layers,
-                num_heads=num_heads,
-                num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
-                head_dim=head_dim,
-                layer_types=layer_types,
-                rotary_dim=rotary_dim,
-                rope_theta=rope_theta,
-                max_position_embeddings=int(hf.get("max_position_embeddings", 10_240_000)),
-                lightning_alpha=pick("layernorm_linear_attention_alpha", "linear_attn_alpha_factor"),
-                lightning_beta=pick("layernorm_linear_attention_beta", "linear_attn_beta_factor"),
-                softmax_alpha=pick("layernorm_full_attention_alpha", "full_attn_alpha_factor"),
-                softmax_beta=pick("layernorm_full_attention_beta", "full_attn_beta_factor"),
-                mlp_alpha=pick("layernorm_mlp_alpha", "mlp_alpha_factor"),
-                mlp_beta=pick("layernorm_mlp_beta", "mlp_beta_factor"),
-                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
-                block_size=int(hf.get("block_size", 256)),
-                num_experts=int(hf.get("num_local_experts", hf.get("num_experts", 8))),
-                num_experts_per_tok=int(hf.get("num_experts_per_tok", 2)),
-                expert_dim=int(hf["intermediate_size"]),
-                router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
-                router_jitter_noise=float(hf.get("router_jitter_noise", 0.0)),
-                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                initializer_range=float(hf.get("initializer_range", 0.02)),
-                # Our own key when we wrote the file; otherwise the convention of the code that runs this format.
-                lightning_decay=hf.get("lightning_decay_convention") or (
-                        "transformers" if hf.get("model_type") == "minimax" else "official"),
-        )
-        kwargs.update(overrides)
-        return cls(**kwargs)
-
-    def to_hf(self, style: str = "transformers") -> dict[str, Any]:
-        """Writes a config.json dict.
-
-        style="transformers": keys transformers 5.24's MiniMaxConfig reads (`layer_types`, `*_alpha_factor`,
-        `rope_parameters`), plus the official keys so the official code reads it too.
-        style="official": only the MiniMax-AI keys.
-        """
-        if style not in ("transformers", "official"):
-            raise ValueError(f"style must be 'transformers' or 'official', got {style!r}")
-        # The code that reads this format computes its own decays: refuse where they are not this model's (head
-        # counts that are not powers of two). Elsewhere the conventions differ by < 1e-5 in lambda (the layer
-        # factor's denominator), far below what the logits resolve.
-        gap = np.max(np.abs(self.replace(lightning_decay=style).lightning_decays() - self.lightning_decays()))
-        if gap > 1e-5:
-            raise ValueError(
-                    f"lightning_decay={self.lightning_decay!r} with {self.num_heads} heads: {style} code computes "
-                    f"decays up to {gap:.2g} away from this model's, so a {style}-style config.json would load as a "
-                    f"different model; write style={self.lightning_decay!r} (save_checkpoint(..., style=...))")
-        out: dict[str, Any] = {
-                "vocab_size": self.vocab_size,
-                "hidden_size": self.hidden_size,
-                "num_hidden_layers": self.num_layers,
-                "num_attention_heads": self.num_heads,
-                "num_key_value_heads": self.num_kv_heads,
-                "head_dim": self.head_dim,
-                "intermediate_size": self.expert_dim,
-                "hidden_act": "silu",
-                "max_position_embeddings": self.max_position_embeddings,
-                "rms_norm_eps": self.rms_norm_eps,
-                "num_local_experts": self.num_experts,
-                "num_experts_per_tok": self.num_experts_per_tok,
-                "router_aux_loss_coef": self.router_aux_loss_coef,
-                "router_jitter_noise": self.router_jitter_noise,
-                "tie_word_embeddings": self.tie_word_embeddings,
-                "initializer_range": self.initializer_range,
-                "attention_dropout": 0.0,
-                "sliding_window": None,
-                "shared_intermediate_size": 0,
-                "postnorm": True,
-                "rotary_dim": self.rotary_dim,
-                "rope_theta": self.rope_theta,
-                "attn_type_list": [_OFFICIAL_CODE[t] for t in self.layer_types],
-                "layernorm_linear_attention_alpha": self.lightning_alpha,
-                "layernorm_linear_attention_beta": self.lightning_beta,
-                "layernorm_full_attention_alpha": self.softmax_alpha,
-                "layernorm_full_attention_beta": self.softmax_beta,
-                "layernorm_mlp_alpha": self.mlp_alpha,
-                "layernorm_mlp_beta": self.mlp_beta,
-                "bos_token_id": None,
-                "eos_token_id": None,
-                "lightning_decay_convention": self.lightning_decay,
-        }
-        if style == "official":
-            out.update(model_type="minimax_m1", architectures=["MiniMaxM1ForCausalLM"])
-            return out
-        if self.rotary_dim < self.head_dim:
-            warnings.warn(
-                    f"rotary_dim={self.rotary_dim} < head_dim={self.head_dim}: written as the official `rotary_dim` "
-                    "key, but transformers 5.24's MiniMax ignores it and rotates the whole head, so its outputs "
-                    "will differ from this model's", stacklevel=2)
-        out.update(
-                model_type="minimax",
-                architectures=["MiniMaxForCausalLM"],
-                layer_types=[_HF_NAME[t] for t in self.layer_types],
-                rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
-                linear_attn_alpha_factor=self.lightning_alpha,
-                linear_attn_beta_factor=self.lightning_beta,
-                full_attn_alpha_factor=self.softmax_alpha,
-                full_attn_beta_factor=self.softmax_beta,
-                mlp_alpha_factor=self.mlp_alpha,
-                mlp_beta_factor=self.mlp_beta,
-                block_size=self.block_size,
-        )
-        return out
 
 
 def _alibi_slopes(n: int) -> list[float]:

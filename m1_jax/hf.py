@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -24,13 +25,170 @@ from absl import logging
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from m1_jax.config import LIGHTNING, ModelConfig
+from m1_jax.config import LIGHTNING, SOFTMAX, ModelConfig
+
+_OFFICIAL_CODE = {LIGHTNING: 0, SOFTMAX: 1}  # attn_type_list
+_HF_NAME = {LIGHTNING: "linear_attention", SOFTMAX: "full_attention"}  # transformers' layer_types
 
 # Buffers transformers saves for lightning layers; recomputed from the config, never loaded.
 _IGNORED_SUFFIXES = ("slope_rate", "query_decay", "key_decay", "diagonal_decay")
 _INDEX = "model.safetensors.index.json"
 
 
+# ---------------------------------------------------------------- config.json
+def config_from_hf(hf: dict[str, Any], **overrides) -> ModelConfig:
+    """The ModelConfig of an official (MiniMax-AI) or transformers-style config.json dict."""
+    hf = dict(hf)
+    num_layers = int(hf["num_hidden_layers"])
+    num_heads = int(hf["num_attention_heads"])
+    head_dim = int(hf.get("head_dim") or hf["hidden_size"] // num_heads)
+    if "attn_type_list" in hf:
+        codes = {0: LIGHTNING, 1: SOFTMAX}
+        try:
+            layer_types = tuple(codes[int(c)] for c in hf["attn_type_list"])
+        except KeyError as e:
+            raise ValueError(f"attn_type_list holds {e.args[0]!r}; expected 0 (lightning) or 1 (softmax)") from None
+    elif "layer_types" in hf and hf["layer_types"] is not None:
+        names = {v: k for k, v in _HF_NAME.items()}
+        try:
+            layer_types = tuple(names[t] for t in hf["layer_types"])
+        except KeyError as e:
+            raise ValueError(f"layer_types holds {e.args[0]!r}; expected one of {list(names)}") from None
+    else:
+        # transformers' default when neither key is present: full attention at even layers.
+        layer_types = tuple(SOFTMAX if (i + 1) % 2 else LIGHTNING for i in range(num_layers))
+
+    rope = hf.get("rope_parameters") or {}
+    rope_theta = float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0)))
+    if hf.get("rotary_dim") is not None:
+        rotary_dim = int(hf["rotary_dim"])
+    elif rope.get("partial_rotary_factor") is not None or hf.get("partial_rotary_factor") is not None:
+        factor = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
+        rotary_dim = int(head_dim * float(factor))
+    else:
+        rotary_dim = head_dim  # what transformers computes with neither key: whole-head RoPE
+
+    def pick(official, hf_key, default=1.0):
+        for key in (official, hf_key):
+            if hf.get(key) is not None:
+                return float(hf[key])
+        return default
+
+    if hf.get("shared_intermediate_size"):
+        raise ValueError(f"shared experts (shared_intermediate_size={hf['shared_intermediate_size']}) "
+                                          "are not supported; MiniMax-M1 has none")
+    if hf.get("postnorm") is False:
+        raise ValueError("postnorm=false is not supported; MiniMax-M1 uses post-norm residuals")
+    kwargs = dict(
+            vocab_size=int(hf["vocab_size"]),
+            hidden_size=int(hf["hidden_size"]),
+            num_layers=num_layers,
+            num_heads=num_heads,
+            num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
+            head_dim=head_dim,
+            layer_types=layer_types,
+            rotary_dim=rotary_dim,
+            rope_theta=rope_theta,
+            max_position_embeddings=int(hf.get("max_position_embeddings", 10_240_000)),
+            lightning_alpha=pick("layernorm_linear_attention_alpha", "linear_attn_alpha_factor"),
+            lightning_beta=pick("layernorm_linear_attention_beta", "linear_attn_beta_factor"),
+            softmax_alpha=pick("layernorm_full_attention_alpha", "full_attn_alpha_factor"),
+            softmax_beta=pick("layernorm_full_attention_beta", "full_attn_beta_factor"),
+            mlp_alpha=pick("layernorm_mlp_alpha", "mlp_alpha_factor"),
+            mlp_beta=pick("layernorm_mlp_beta", "mlp_beta_factor"),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+            block_size=int(hf.get("block_size", 256)),
+            num_experts=int(hf.get("num_local_experts", hf.get("num_experts", 8))),
+            num_experts_per_tok=int(hf.get("num_experts_per_tok", 2)),
+            expert_dim=int(hf["intermediate_size"]),
+            router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
+            router_jitter_noise=float(hf.get("router_jitter_noise", 0.0)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            initializer_range=float(hf.get("initializer_range", 0.02)),
+            # Our own key when we wrote the file; otherwise the convention of the code that runs this format.
+            lightning_decay=hf.get("lightning_decay_convention") or (
+                    "transformers" if hf.get("model_type") == "minimax" else "official"),
+    )
+    kwargs.update(overrides)
+    return ModelConfig(**kwargs)
+
+def config_to_hf(cfg: ModelConfig, style: str = "transformers") -> dict[str, Any]:
+    """cfg as a config.json dict.
+
+    style="transformers": keys transformers 5.24's MiniMaxConfig reads (`layer_types`, `*_alpha_factor`,
+    `rope_parameters`), plus the official keys so the official code reads it too.
+    style="official": only the MiniMax-AI keys.
+    """
+    if style not in ("transformers", "official"):
+        raise ValueError(f"style must be 'transformers' or 'official', got {style!r}")
+    # The code that reads this format computes its own decays: refuse where they are not this model's (head
+    # counts that are not powers of two). Elsewhere the conventions differ by < 1e-5 in lambda (the layer
+    # factor's denominator), far below what the logits resolve.
+    gap = np.max(np.abs(cfg.replace(lightning_decay=style).lightning_decays() - cfg.lightning_decays()))
+    if gap > 1e-5:
+        raise ValueError(
+                f"lightning_decay={cfg.lightning_decay!r} with {cfg.num_heads} heads: {style} code computes "
+                f"decays up to {gap:.2g} away from this model's, so a {style}-style config.json would load as a "
+                f"different model; write style={cfg.lightning_decay!r} (save_checkpoint(..., style=...))")
+    out: dict[str, Any] = {
+            "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.hidden_size,
+            "num_hidden_layers": cfg.num_layers,
+            "num_attention_heads": cfg.num_heads,
+            "num_key_value_heads": cfg.num_kv_heads,
+            "head_dim": cfg.head_dim,
+            "intermediate_size": cfg.expert_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": cfg.max_position_embeddings,
+            "rms_norm_eps": cfg.rms_norm_eps,
+            "num_local_experts": cfg.num_experts,
+            "num_experts_per_tok": cfg.num_experts_per_tok,
+            "router_aux_loss_coef": cfg.router_aux_loss_coef,
+            "router_jitter_noise": cfg.router_jitter_noise,
+            "tie_word_embeddings": cfg.tie_word_embeddings,
+            "initializer_range": cfg.initializer_range,
+            "attention_dropout": 0.0,
+            "sliding_window": None,
+            "shared_intermediate_size": 0,
+            "postnorm": True,
+            "rotary_dim": cfg.rotary_dim,
+            "rope_theta": cfg.rope_theta,
+            "attn_type_list": [_OFFICIAL_CODE[t] for t in cfg.layer_types],
+            "layernorm_linear_attention_alpha": cfg.lightning_alpha,
+            "layernorm_linear_attention_beta": cfg.lightning_beta,
+            "layernorm_full_attention_alpha": cfg.softmax_alpha,
+            "layernorm_full_attention_beta": cfg.softmax_beta,
+            "layernorm_mlp_alpha": cfg.mlp_alpha,
+            "layernorm_mlp_beta": cfg.mlp_beta,
+            "bos_token_id": None,
+            "eos_token_id": None,
+            "lightning_decay_convention": cfg.lightning_decay,
+    }
+    if style == "official":
+        out.update(model_type="minimax_m1", architectures=["MiniMaxM1ForCausalLM"])
+        return out
+    if cfg.rotary_dim < cfg.head_dim:
+        warnings.warn(
+                f"rotary_dim={cfg.rotary_dim} < head_dim={cfg.head_dim}: written as the official `rotary_dim` "
+                "key, but transformers 5.24's MiniMax ignores it and rotates the whole head, so its outputs "
+                "will differ from this model's", stacklevel=2)
+    out.update(
+            model_type="minimax",
+            architectures=["MiniMaxForCausalLM"],
+            layer_types=[_HF_NAME[t] for t in cfg.layer_types],
+            rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+            linear_attn_alpha_factor=cfg.lightning_alpha,
+            linear_attn_beta_factor=cfg.lightning_beta,
+            full_attn_alpha_factor=cfg.softmax_alpha,
+            full_attn_beta_factor=cfg.softmax_beta,
+            mlp_alpha_factor=cfg.mlp_alpha,
+            mlp_beta_factor=cfg.mlp_beta,
+            block_size=cfg.block_size,
+    )
+    return out
+
+
+# ---------------------------------------------------------------- weights
 @dataclasses.dataclass(frozen=True)
 class _Source:
     """How one slice of a parameter leaf comes from one HF tensor."""
@@ -209,7 +367,7 @@ def load_checkpoint(path: str, *, shardings=None, param_dtype: str | None = None
     overrides = dict(config_overrides)
     if param_dtype is not None:
         overrides["param_dtype"] = param_dtype
-    cfg = ModelConfig.from_hf(hf_config, **overrides)
+    cfg = config_from_hf(hf_config, **overrides)
     reader = _TensorReader(path)
     fused = any(name.endswith("mlp.experts.gate_up_proj") for name in reader.shapes)
     _check_names(reader, hf_tensor_shapes(cfg, fused))
@@ -248,13 +406,13 @@ def load_checkpoint(path: str, *, shardings=None, param_dtype: str | None = None
 
 def save_checkpoint(path: str, cfg: ModelConfig, params, *, dtype: str | None = None,
                     max_shard_bytes: int = 2 << 30, style: str = "transformers") -> None:
-    """Writes config.json (`cfg.to_hf(style)`) + sharded safetensors with the official per-expert names.
+    """Writes config.json (`config_to_hf(cfg, style)`) + sharded safetensors with the official per-expert names.
 
     transformers' `MiniMaxForCausalLM.from_pretrained` loads the result of style "transformers" (it converts
     per-expert tensors into its fused layout); style "official" is the official checkpoint's format. Routers are
     written in float32, as in the official checkpoint; other tensors in `dtype` (default: the params' own dtype).
     """
-    config = cfg.to_hf(style)  # before any file is written: raises if the format cannot hold this model
+    config = config_to_hf(cfg, style)  # before any file is written: raises if the format cannot hold this model
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2)

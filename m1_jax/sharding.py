@@ -232,18 +232,29 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, batch_dim: int = 0) -> NamedShardi
     return NamedSharding(mesh, PartitionSpec(*spec))
 
 
-def check_context_within_hosts(mesh: Mesh) -> None:
-    """Raises ValueError when a context group spans hosts: each host loads whole rows (train/loop.py)."""
-    context = context_axes(mesh)
-    if not context:
-        return
-    names = tuple(mesh.axis_names)
-    procs = np.vectorize(lambda d: d.process_index)(mesh.devices)
-    groups = np.moveaxis(procs, [names.index(a) for a in context], list(range(-len(context), 0)))
-    groups = groups.reshape(-1, math.prod(mesh.shape[a] for a in context))
-    if (groups != groups[:, :1]).any():
-        raise ValueError(f"the context axes {context} of mesh {dict(mesh.shape)} span several hosts, but each host "
-                         "loads whole rows; order the mesh so each context group sits on one host")
+def host_share(sharding, global_shape, process_index: int | None = None) -> tuple[int, int, slice]:
+    """(index, count, length) of the part of a global [B, L] batch under `sharding` that one host loads: hosts
+    whose devices hold the same rows (a context or model axis spanning hosts) load the same rows, so there are
+    `count` distinct row blocks of B / count rows and this host loads block `index`; `length` is the slice of
+    the sequence its devices hold (all of it unless a context axis spans hosts)."""
+    me = jax.process_index() if process_index is None else process_index
+
+    def bounds(index, dim):
+        part = index[dim]
+        return (part.start or 0, global_shape[dim] if part.stop is None else part.stop)
+
+    rows, length = {}, []
+    for device, index in sharding.devices_indices_map(tuple(global_shape)).items():
+        rows.setdefault(device.process_index, []).append(bounds(index, 0))
+        if device.process_index == me:
+            length.append(bounds(index, 1))
+    block = {p: (min(a for a, _ in r), max(b for _, b in r)) for p, r in rows.items()}
+    distinct = sorted(set(block.values()))
+    sizes = {b - a for a, b in distinct}
+    if len(sizes) != 1 or sum(b - a for a, b in distinct) != global_shape[0]:
+        raise ValueError(f"hosts hold overlapping or uneven row blocks {distinct} of {global_shape[0]} rows under "
+                         f"{sharding.spec}; order the mesh so each host's devices hold whole row blocks")
+    return distinct.index(block[me]), len(distinct), slice(min(a for a, _ in length), max(b for _, b in length))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import pytest
 
+from m1_jax import hf as hf_lib
 from m1_jax.config import LIGHTNING, SOFTMAX, ModelConfig, get_config
 from m1_jax.model import count_params
 
@@ -19,7 +20,7 @@ def _official():
 
 
 def test_official_config_reads_as_m1_preset():
-    cfg = ModelConfig.from_hf(_official())
+    cfg = hf_lib.config_from_hf(_official())
     assert cfg == get_config("minimax-m1-80k")
     assert cfg.layer_types.count(SOFTMAX) == 10 and cfg.layer_types.count(LIGHTNING) == 70
     assert [i for i, t in enumerate(cfg.layer_types) if t == SOFTMAX] == list(range(7, 80, 8))
@@ -55,29 +56,29 @@ def test_parameter_count_by_hand_tiny():
 
 def test_official_round_trip_and_transformers_keys():
     cfg = get_config("minimax-m1-80k")
-    assert ModelConfig.from_hf(cfg.to_hf("official")) == cfg
+    assert hf_lib.config_from_hf(hf_lib.config_to_hf(cfg, "official")) == cfg
     with pytest.warns(UserWarning, match="transformers 5.24"):
-        hf = cfg.to_hf()
+        hf = hf_lib.config_to_hf(cfg)
     assert hf["layer_types"][7] == "full_attention" and hf["layer_types"][0] == "linear_attention"
     assert hf["rotary_dim"] == 64 and hf["linear_attn_alpha_factor"] == cfg.lightning_alpha
     # transformers-only keys (no attn_type_list, no rotary_dim) read back to the same model
     tf_only = {k: v for k, v in hf.items() if k not in ("attn_type_list",) and not k.startswith("layernorm_")}
-    assert ModelConfig.from_hf(tf_only) == cfg
+    assert hf_lib.config_from_hf(tf_only) == cfg
 
 
 def test_whole_head_rope_when_no_rotary_key():
-    hf = get_config("tiny").to_hf("official")
+    hf = hf_lib.config_to_hf(get_config("tiny"), "official")
     del hf["rotary_dim"]
-    assert ModelConfig.from_hf(hf).rotary_dim == hf["head_dim"]
+    assert hf_lib.config_from_hf(hf).rotary_dim == hf["head_dim"]
     hf["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}
-    assert ModelConfig.from_hf(hf).rotary_dim == hf["head_dim"] // 2
+    assert hf_lib.config_from_hf(hf).rotary_dim == hf["head_dim"] // 2
 
 
 def test_no_warning_for_whole_head_rope():
     cfg = get_config("tiny").replace(rotary_dim=16)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        cfg.to_hf()
+        hf_lib.config_to_hf(cfg)
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -97,10 +98,10 @@ def test_validation_errors(changes, message):
 
 
 def test_bad_attn_type_code():
-    hf = get_config("tiny").to_hf("official")
+    hf = hf_lib.config_to_hf(get_config("tiny"), "official")
     hf["attn_type_list"] = [0, 2, 0, 1]
     with pytest.raises(ValueError, match="attn_type_list holds 2"):
-        ModelConfig.from_hf(hf)
+        hf_lib.config_from_hf(hf)
 
 
 def test_decay_slopes_match_official_formula():
@@ -125,15 +126,15 @@ def test_transformers_decay_convention_by_hand():
 
 
 def test_decay_convention_follows_the_checkpoint_format():
-    assert ModelConfig.from_hf(_official()).lightning_decay == "official"
-    native = {k: v for k, v in get_config("tiny").to_hf().items() if k != "lightning_decay_convention"}
-    assert ModelConfig.from_hf(native).lightning_decay == "transformers"  # model_type "minimax": transformers' code
+    assert hf_lib.config_from_hf(_official()).lightning_decay == "official"
+    native = {k: v for k, v in hf_lib.config_to_hf(get_config("tiny")).items() if k != "lightning_decay_convention"}
+    assert hf_lib.config_from_hf(native).lightning_decay == "transformers"  # model_type "minimax": transformers' code
     for convention in ("official", "transformers"):  # our own files say which, in either style
         cfg = get_config("tiny", num_heads=6, num_kv_heads=2, lightning_decay=convention)
-        assert ModelConfig.from_hf(cfg.to_hf(convention)).lightning_decay == convention
+        assert hf_lib.config_from_hf(hf_lib.config_to_hf(cfg, convention)).lightning_decay == convention
         other = "transformers" if convention == "official" else "official"
         # The other format's code would compute other decays for 6 heads: refused, not written.
         with pytest.raises(ValueError, match=f"{other} code computes decays"):
-            cfg.to_hf(other)
+            hf_lib.config_to_hf(cfg, other)
     with pytest.raises(ValueError, match="lightning_decay must be one of"):
         get_config("tiny", lightning_decay="fla")

@@ -8,6 +8,7 @@ must equal the unsharded model's.
 """
 
 import functools
+import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,7 @@ from m1_jax.layers import context_parallel
 from m1_jax.layers.lightning import lightning_per_device
 from m1_jax.layers.softmax_attention import attention_per_device
 from m1_jax.model import MiniMaxM1, init_params, lm_head_weight
+from m1_jax.train import dry_run
 from m1_jax.train.loss import chunked_cross_entropy
 from pallas_kernels.lightning_attention import reference
 from pallas_kernels.softmax_attention import reference as softmax_reference
@@ -163,15 +165,20 @@ def test_parse_context_mesh_and_length_divisibility():
     # Token arrays [B, L] enter split over batch and context; rows [B] over the batch only.
     assert sharding.batch_sharding(mesh).spec == P("data", "context")
     assert sharding.batch_sharding(mesh, ndim=1).spec == P("data")
-    sharding.check_context_within_hosts(mesh)  # 8 fake devices of one process: fine
+    assert sharding.host_share(sharding.batch_sharding(mesh), (4, 64)) == (0, 1, slice(0, 64))
 
 
-def test_context_group_across_hosts_is_refused():
-    class FakeDevice:
-        def __init__(self, i):
-            self.id, self.process_index = i, i // 4
-
-    devices = np.asarray([FakeDevice(i) for i in range(8)]).reshape(2, 4)
-    across = Mesh(devices.T, ("data", "context"))  # context groups {0, 4}, ... span both hosts
-    with pytest.raises(ValueError, match="span several hosts"):
-        sharding.check_context_within_hosts(across)
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (pip install -e .[tpu])")
+def test_host_share_when_context_spans_hosts():
+    """On a v5p topology of 2 hosts x 4 chips with context=8, both hosts hold every row: they load the same
+    rows and each keeps its half of the length; with data=2,context=4 each host loads its own rows whole."""
+    devices = dry_run.topology_devices("v5p:2x2x2")
+    assert {d.process_index for d in devices} == {0, 1}
+    spread = Mesh(np.asarray(devices).reshape(8), ("context",))
+    share = [sharding.host_share(sharding.batch_sharding(spread), (4, 64), p) for p in (0, 1)]
+    assert [(i, c) for i, c, _ in share] == [(0, 1), (0, 1)]
+    assert sorted((s.start, s.stop) for _, _, s in share) == [(0, 32), (32, 64)]
+    by_host = sorted(devices, key=lambda d: (d.process_index, d.id))
+    split = Mesh(np.asarray(by_host).reshape(2, 4), ("data", "context"))
+    share = [sharding.host_share(sharding.batch_sharding(split), (4, 64), p) for p in (0, 1)]
+    assert sorted(share, key=lambda s: s[0]) == [(0, 2, slice(0, 64)), (1, 2, slice(0, 64))]

@@ -14,6 +14,7 @@ import pytest
 import torch
 import transformers
 
+from m1_jax import hf as hf_lib
 from m1_jax.config import ModelConfig
 from m1_jax.hf import load_checkpoint, save_checkpoint
 from m1_jax.model import MiniMaxM1, init_params
@@ -93,7 +94,7 @@ def _assert_matches_transformers(ours, model, tokens):
 def test_hf_to_ours(tmp_path, case_idx):
     case = CASES[case_idx]
     cfg = _our_config(case, seed=case_idx)
-    hf_model = _hf_model(cfg.to_hf(), seed=case_idx)
+    hf_model = _hf_model(hf_lib.config_to_hf(cfg), seed=case_idx)
     hf_model.save_pretrained(tmp_path)
     loaded_cfg, params = load_checkpoint(str(tmp_path), dtype="float32", attention_block_q=16,
                                          attention_block_kv=16, remat_policy="none")
@@ -131,7 +132,7 @@ def test_transformers_checkpoint_with_any_head_count(tmp_path, heads, kv_heads):
     official ones unless the head count is a power of two), and saves back to the same logits."""
     case = Case(("lightning", "softmax", "lightning"), heads, kv_heads, 4, 2, 16, 40)
     cfg = _our_config(case, seed=heads).replace(lightning_decay="transformers")
-    native = {k: v for k, v in cfg.to_hf().items() if k not in _NOT_TRANSFORMERS}
+    native = {k: v for k, v in hf_lib.config_to_hf(cfg).items() if k not in _NOT_TRANSFORMERS}
     hf_model = _hf_model(native, seed=heads)
     hf_model.save_pretrained(tmp_path / "hf")
     loaded_cfg, params = load_checkpoint(str(tmp_path / "hf"), dtype="float32", attention_block_q=16,

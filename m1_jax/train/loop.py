@@ -79,12 +79,9 @@ def build_setup(config, mesh_spec: str | None = None, devices=None) -> Setup:
         raise ValueError(f"micro-batch size {batch // accum} (data.batch_size / train.grad_accum_steps) must be "
                          f"divisible by the {ways}-way batch sharding of mesh {dict(mesh.shape)}; change "
                          "--config.data.batch_size or --mesh")
-    if batch % jax.process_count():
-        raise ValueError(f"data.batch_size={batch} must be divisible by the {jax.process_count()} hosts")
     # Every parameter and activation dim against the mesh axes it maps to, before anything is traced.
     sharding_lib.check_param_divisibility(abstract_params(model, boxed=True), mesh)
     sharding_lib.check_activation_divisibility(model, mesh, batch // accum, int(d.seq_len))
-    sharding_lib.check_context_within_hosts(mesh)
     tokenizer = load_tokenizer(d.tokenizer)
     if tokenizer.vocab_size > model.vocab_size:
         raise ValueError(f"tokenizer {tokenizer!r} has {tokenizer.vocab_size} ids but model.vocab_size is "
@@ -95,12 +92,15 @@ def build_setup(config, mesh_spec: str | None = None, devices=None) -> Setup:
 def _iterator(config, setup: Setup, split: str):
     d = config.data
     weights = None if d.task_weights is None else dict(d.task_weights)
-    # Each host loads its own rows: batch_size / process_count of them (put_batch assembles the global batch).
-    return make_train_iterator(d.source, setup.tokenizer, batch_size=setup.batch_size // jax.process_count(),
+    # Each host loads its block of rows (hosts holding the same rows load the same ones; put_batch keeps each
+    # host's part of the length and assembles the global batch).
+    index, count, _ = sharding_lib.host_share(sharding_lib.batch_sharding(setup.mesh), (setup.batch_size,
+                                                                                        setup.seq_len))
+    return make_train_iterator(d.source, setup.tokenizer, batch_size=setup.batch_size // count,
                                seq_len=setup.seq_len,
                                seed=int(config.train.seed), mask_prompt=bool(d.mask_prompt), split=split,
                                task_weights=weights, heldout_fraction=float(d.heldout_fraction),
-                               shard_index=jax.process_index(), shard_count=jax.process_count())
+                               shard_index=index, shard_count=count)
 
 
 def eval_batches(config, setup: Setup, num_batches: int) -> list[dict[str, np.ndarray]]:
@@ -117,10 +117,16 @@ def eval_batches(config, setup: Setup, num_batches: int) -> list[dict[str, np.nd
 
 
 def put_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
-    """Host batch -> global sharded arrays; on several hosts each contributes its local rows."""
+    """Host batch -> global sharded arrays. On several hosts each contributes the rows it loaded (its block, see
+    `_iterator`) and its devices' part of the length."""
     if jax.process_count() == 1:
         return jax.device_put(batch, sharding)
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+    rows, seq_len = next(iter(batch.values())).shape
+    # The row blocks depend only on the mesh: probe with one row per batch shard.
+    _, count, _ = sharding_lib.host_share(sharding, (sharding_lib.batch_parallelism(sharding.mesh), seq_len))
+    global_shape = (rows * count, seq_len)
+    _, _, length = sharding_lib.host_share(sharding, global_shape)
+    return {k: jax.make_array_from_process_local_data(sharding, v[:, length], global_shape) for k, v in batch.items()}
 
 
 def heldout_loss(eval_step, params, batches, batch_sharding) -> dict[str, float]:
