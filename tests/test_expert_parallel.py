@@ -18,6 +18,29 @@ from m1_jax.layers.moe import MoE, aux_loss_from_stats, load_balance_stats, moe_
 D, F, K = 16, 24, 2
 
 
+def ragged_all_to_all_emulated(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
+                                axis_name):
+    """Same result as lax.ragged_all_to_all (one slice per peer), built from all_gather so XLA:CPU runs it
+    (every shard gathers everyone's operand and offsets: ep x the memory)."""
+    del recv_sizes  # implied by the senders' send_sizes
+    n = jax.lax.axis_size(axis_name)
+    if input_offsets.shape[0] != n:
+        raise ValueError("the emulated ragged_all_to_all supports exactly one slice per peer")
+    me = jax.lax.axis_index(axis_name)
+    all_op = jax.lax.all_gather(operand, axis_name)  # [src, N, ...]
+    src_in_off = jax.lax.all_gather(input_offsets, axis_name)[:, me]
+    src_size = jax.lax.all_gather(send_sizes, axis_name)[:, me]
+    src_out_off = jax.lax.all_gather(output_offsets, axis_name)[:, me]
+    rows = jnp.arange(output.shape[0])
+    result = output
+    for s in range(n):
+        inside = (rows >= src_out_off[s]) & (rows < src_out_off[s] + src_size[s])
+        src_rows = jnp.clip(src_in_off[s] + rows - src_out_off[s], 0, operand.shape[0] - 1)
+        mask = inside.reshape((-1,) + (1,) * (output.ndim - 1))
+        result = jnp.where(mask, all_op[s][src_rows], result)
+    return result
+
+
 def _mesh(shape, names):
     if len(jax.devices()) < math.prod(shape):
         raise RuntimeError("these tests need 8 devices: run them through pytest (tests/conftest.py sets XLA_FLAGS)")
@@ -61,7 +84,7 @@ def test_matches_single_device_outputs_stats_and_grads(mesh_shape, names, E, bac
     def loss_ep(x, router, w_gate, w_up, w_down):
         y, st = moe_expert_parallel(x, router, w_gate, w_up, w_down, mesh=mesh, k=K, backend=backend,
                                     capacity_factor=0.0, token_mask_T=mask,
-                                    emulate_ragged_a2a=backend == "ragged")
+                                    ragged_all_to_all=ragged_all_to_all_emulated)
         aux = aux_loss_from_stats(st["counts_E"], st["prob_sum_E"], st["num_tokens"])
         return jnp.sum(y * probe) + aux, (y, st)
 
@@ -165,7 +188,7 @@ def test_ragged_global_capacity_matches_reference(forced):
     C = capacity_per_expert(group * t_loc, K, 8, 1.0)
     assert C == 8  # ceil(1.0 * 32 tokens * 2 / 8 experts)
     fn = jax.jit(lambda *a: moe_expert_parallel(*a, mesh=mesh, k=K, backend="ragged", capacity_factor=1.0,
-                                                emulate_ragged_a2a=True))
+                                                ragged_all_to_all=ragged_all_to_all_emulated))
     y, st = fn(*args)
     y_ref, kept = _capacity_reference(*args, shards, C, group=group)
     dropped = _check_drops(y, st, y_ref, kept)
@@ -178,7 +201,6 @@ def test_ragged_global_capacity_matches_reference(forced):
 
 def test_emulated_ragged_all_to_all_follows_the_documented_semantics():
     """The example in lax.ragged_all_to_all's docstring (axis of size 2), through the CPU emulation."""
-    from m1_jax.layers.expert_parallel import _ragged_all_to_all_emulated
 
     mesh = _mesh((2,), ("x",))
     operand = jnp.array([[1, 2, 2], [3, 4, 0]], jnp.float32)
@@ -189,7 +211,7 @@ def test_emulated_ragged_all_to_all_follows_the_documented_semantics():
     recv = jnp.array([[1, 1], [2, 1]], jnp.int32)
 
     def body(op, out, a, b, c, d):
-        return _ragged_all_to_all_emulated(op[0], out[0], a[0], b[0], c[0], d[0], axis_name="x")[None]
+        return ragged_all_to_all_emulated(op[0], out[0], a[0], b[0], c[0], d[0], axis_name="x")[None]
 
     fn = jax.shard_map(body, mesh=mesh, in_specs=(P("x"),) * 6, out_specs=P("x"))
     result = jax.jit(fn)(operand, output, in_off, send, out_off, recv)

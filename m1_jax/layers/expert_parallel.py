@@ -16,7 +16,7 @@ single-device MoE's semantics):
   drops only when the expert's group-wide load overflows, and the buffer shrinks to
   experts_per_shard * C_global rows.
   XLA:CPU cannot run `ragged_all_to_all`; on CPU this backend only traces/lowers (for TPU/GPU), or runs
-  with `emulate_ragged_a2a=True`, an all_gather-based equivalent used by the tests.
+  with an equivalent passed as `ragged_all_to_all` (the tests pass an all_gather-based one).
 - "capacity": every (source shard, expert) pair gets C slots, exchanged with a plain
   `lax.all_to_all`; runs everywhere, including CPU.
   C = ceil(capacity_factor * tokens_per_shard * k / num_experts), clamped to [1, tokens_per_shard];
@@ -67,7 +67,7 @@ def capacity_per_expert(tokens_per_shard: int, k: int, num_experts: int, capacit
 def moe_expert_parallel(x_TxD, router_w_DxE, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, *, mesh, k: int,
                         expert_axis: str = "expert", batch_axes: Sequence[str] | None = None,
                         backend: str = "capacity", capacity_factor: float = 0.0, grouped_matmul_impl: str = "auto",
-                        token_mask_T=None, jitter_TxD=None, emulate_ragged_a2a: bool = False):
+                        token_mask_T=None, jitter_TxD=None, ragged_all_to_all=jax.lax.ragged_all_to_all):
     """Expert-parallel dropless-or-capacity MoE over `mesh`. Returns (y_TxD, stats).
 
     x_TxD: tokens (global shape), sharded over `batch_axes` (default: data/fsdp/expert axes present).
@@ -75,7 +75,8 @@ def moe_expert_parallel(x_TxD, router_w_DxE, w_gate_ExDxF, w_up_ExDxF, w_down_Ex
     on their leading E dimension inside the shard_map (other shardings are gathered at the boundary).
     token_mask_T: optional, 0 for padding (load-balance stats only). jitter_TxD: optional multiplicative
     router noise (as MoE's jitter), sharded like x. capacity_factor: 0 = dropless, > 0 caps each expert's
-    slots (module docstring). grouped_matmul_impl: the local experts' grouped matmul.
+    slots (module docstring). grouped_matmul_impl: the local experts' grouped matmul. ragged_all_to_all: the
+    ragged backend's exchange (`lax.ragged_all_to_all`'s signature).
     stats: dict with counts_E, prob_sum_E, num_tokens (psum'd over all token shards, equal to the
     single-device `load_balance_stats`), dropped (int32 number of dropped token copies, summed over the
     mesh), total_copies (T * k) and drop_fraction (dropped / total_copies).
@@ -122,7 +123,7 @@ def moe_expert_parallel(x_TxD, router_w_DxE, w_gate_ExDxF, w_up_ExDxF, w_down_Ex
             global_capacity = (None if capacity_factor == 0
                                else capacity_per_expert(ep * t_loc, k, E, capacity_factor))
             y_txD, dropped = _ragged_dispatch(x_txD, weights_txK, experts_txK, experts_w, expert_axis, ep,
-                                              emulate_ragged_a2a, global_capacity, grouped_matmul_impl)
+                                              ragged_all_to_all, global_capacity, grouped_matmul_impl)
         stats = dict(counts_E=counts_E, prob_sum_E=prob_sum_E, num_tokens=num_tokens, dropped=dropped)
         stats = jax.lax.psum(stats, batch_axes)
         return y_txD, stats
@@ -186,8 +187,7 @@ def _exclusive_cumsum(v, axis):
     return jnp.cumsum(v, axis=axis) - v
 
 
-def _ragged_dispatch(x_txD, weights_txK, experts_txK, experts_w, expert_axis, ep, emulate, global_capacity,
-                     impl):
+def _ragged_dispatch(x_txD, weights_txK, experts_txK, experts_w, expert_axis, ep, a2a, global_capacity, impl):
     """ragged_all_to_all dispatch on one shard. Returns (y_txD, local dropped count).
 
     global_capacity None: dropless, with a worst-case receive buffer. Otherwise each expert takes at most
@@ -200,7 +200,6 @@ def _ragged_dispatch(x_txD, weights_txK, experts_txK, experts_w, expert_axis, ep
     w_gate_exDxF, w_up_exDxF, w_down_exFxD = experts_w
     e_loc = w_gate_exDxF.shape[0]
     E = e_loc * ep
-    a2a = _ragged_all_to_all_emulated if emulate else jax.lax.ragged_all_to_all
     # Copies rank-major (every top-1 choice before any top-2), so a capacity cut drops later choices first.
     expert_M = experts_txK.T.reshape(-1)
     token_M = jnp.tile(jnp.arange(t), k)
@@ -247,31 +246,6 @@ def _ragged_dispatch(x_txD, weights_txK, experts_txK, experts_w, expert_axis, ep
     y_MxD = jnp.zeros_like(y_sorted).at[order_M].set(y_sorted)
     dropped = (M - jnp.sum(kept_SxE[me])).astype(jnp.int32)
     return _combine(y_MxD.reshape(k, t, D), weights_txK, x_txD.dtype), dropped
-
-
-def _ragged_all_to_all_emulated(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
-                                axis_name):
-    """Same result as lax.ragged_all_to_all (one slice per peer), built from all_gather so XLA:CPU runs it.
-
-    Every shard gathers everyone's operand and offsets (memory ep x operand): for tests, not production.
-    """
-    del recv_sizes  # implied by the senders' send_sizes
-    n = jax.lax.axis_size(axis_name)
-    if input_offsets.shape[0] != n:
-        raise ValueError("the emulated ragged_all_to_all supports exactly one slice per peer")
-    me = jax.lax.axis_index(axis_name)
-    all_op = jax.lax.all_gather(operand, axis_name)  # [src, N, ...]
-    src_in_off = jax.lax.all_gather(input_offsets, axis_name)[:, me]
-    src_size = jax.lax.all_gather(send_sizes, axis_name)[:, me]
-    src_out_off = jax.lax.all_gather(output_offsets, axis_name)[:, me]
-    rows = jnp.arange(output.shape[0])
-    result = output
-    for s in range(n):
-        inside = (rows >= src_out_off[s]) & (rows < src_out_off[s] + src_size[s])
-        src_rows = jnp.clip(src_in_off[s] + rows - src_out_off[s], 0, operand.shape[0] - 1)
-        mask = inside.reshape((-1,) + (1,) * (output.ndim - 1))
-        result = jnp.where(mask, all_op[s][src_rows], result)
-    return result
 
 
 def context_mesh(expert_axis: str = "expert"):
