@@ -12,17 +12,17 @@ Text prompts go through the byte tokenizer (--tokenizer=byte) or a local tokeniz
 
 from __future__ import annotations
 
-import os
 import time
 
 from absl import app, flags
 import jax
 import numpy as np
 
-from m1_jax.config import ModelConfig, get_config
+from m1_jax.config import get_config
 from m1_jax.data.tokenizer import load_tokenizer
 from m1_jax.generate import generate
-from m1_jax.model import abstract_params, init_params
+from m1_jax.model import init_params
+from m1_jax.train import checkpoint as ckpt_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "training workdir; loads WORKDIR/checkpoints (Orbax)")
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
@@ -43,51 +43,13 @@ _REP_P = flags.DEFINE_float("repetition_threshold", 0.99, "M1 early truncation p
 _REPEATS = flags.DEFINE_integer("timing_repeats", 1, "extra timed runs after the first (compiling) one")
 
 
-def load_train_checkpoint(workdir: str, step: int | None = None) -> tuple[ModelConfig, dict]:
-    """(cfg, params) from the train loop's Orbax checkpoints in WORKDIR/checkpoints.
-
-    The train state is saved as a flat {"leaf_00000": ...} dict with JSON metadata listing each leaf's
-    path (`leaf_paths`, e.g. ".params['embed']") and the model config (`model_config`); the params are
-    the leaves under ".params", put back into the model's parameter tree by path.
-    """
-    import orbax.checkpoint as ocp  # only this path needs Orbax
-
-    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    if not os.path.isdir(directory):
-        raise ValueError(f"{directory} does not exist; pass the --workdir of a training run")
-    manager = ocp.CheckpointManager(directory)
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise ValueError(f"no checkpoint in {directory}; train first or pass --hf_dir / --config")
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    if "model_config" not in meta or "leaf_paths" not in meta:
-        raise ValueError(f"checkpoint {directory}/{step} has no model_config/leaf_paths metadata; "
-                         "it was not written by m1_jax.train")
-    cfg = ModelConfig(**meta["model_config"])
-    flat = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    by_path = {p: flat[f"leaf_{i:05d}"] for i, p in enumerate(meta["leaf_paths"])}
-    shapes = abstract_params(cfg)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-    params = []
-    for path, want in leaves:
-        key = ".params" + jax.tree_util.keystr(path)
-        if key not in by_path:
-            raise ValueError(f"checkpoint {directory}/{step} lacks {key}; its params do not match model_config")
-        arr = by_path[key]
-        if tuple(arr.shape) != tuple(want.shape):
-            raise ValueError(f"{key}: checkpoint shape {tuple(arr.shape)} != model {tuple(want.shape)}")
-        params.append(jax.numpy.asarray(arr, want.dtype))
-    manager.close()
-    return cfg, jax.tree_util.tree_unflatten(treedef, params)
-
-
 def _load_model():
     chosen = [name for name, f in (("--workdir", _WORKDIR), ("--hf_dir", _HF_DIR), ("--config", _CONFIG))
               if f.value]
     if len(chosen) != 1:
         raise app.UsageError(f"pass exactly one of --workdir, --hf_dir, --config (got {chosen or 'none'})")
     if _WORKDIR.value:
-        return load_train_checkpoint(_WORKDIR.value, _STEP.value)
+        return ckpt_lib.load_params(_WORKDIR.value, step=_STEP.value)
     if _HF_DIR.value:
         from m1_jax.hf import load_checkpoint
         return load_checkpoint(_HF_DIR.value)

@@ -1,4 +1,4 @@
-"""experiments/long_context.py: task generators against hand checks, packing, scoring, one training step."""
+"""experiments/paper/long_context.py: task generators against hand checks, packing, scoring, one training step."""
 
 import importlib.util
 import pathlib
@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "long_context.py"
+_PATH = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "paper" / "long_context.py"
 
 
 @pytest.fixture(scope="module")

@@ -292,3 +292,35 @@ def test_cispo_raises_heldout_accuracy(tmp_path):
     assert np.mean(rewards[-10:]) >= np.mean(rewards[:10]) + 0.05, rewards
     heldout = {h["step"]: h["heldout_sampled_accuracy"] for h in out["history"] if "heldout_sampled_accuracy" in h}
     assert heldout[40] >= heldout[0] + 0.08, heldout
+
+
+def _load_experiment(relpath, name):
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / relpath
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rl_py_config_holds_every_field_once():
+    """experiments/rl.py reads every RL setting from its ml_collections config: each RLConfig and LoopConfig
+    field is there under its own name (typed placeholders for the None defaults), and the built configs are the
+    dataclasses' own defaults apart from the experiment's choices."""
+    import dataclasses
+    rl_config = _load_experiment("experiments/configs/rl.py", "rl_config")
+    rl_py = _load_experiment("experiments/rl.py", "rl_py")
+    c = rl_config.get_config()
+    assert set(c.rl) == {f.name for f in dataclasses.fields(trainer_lib.RLConfig)}
+    assert set(c.loop) == {f.name for f in dataclasses.fields(loop_lib.LoopConfig)}
+    rl, ocfg, lc, wc = rl_py.build_configs(c)
+    assert rl == trainer_lib.RLConfig()
+    assert (lc.task, lc.steps, lc.eval_split, wc.task, wc.max_new_tokens) == ("digit_max", 40, "eval", "digit_max", 4)
+    c.rl.eps_high, c.rl.algo = 3.0, "dapo"  # a placeholder takes a float
+    assert rl_py.build_configs(c)[0].loss_kwargs()["eps_high"] == 3.0
+    assert rl_py.build_configs(rl_config.get_config("mod_sum"))[2].eval_split == "train"  # auto: 100 problems
+    c = rl_config.get_config()
+    c.rl.prompts_per_step = 30  # not divisible by mu = 4
+    with pytest.raises(ValueError, match="divisible by mu"):
+        rl_py.build_configs(c)

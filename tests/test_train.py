@@ -1,6 +1,7 @@
 """Training pipeline: loss falls, exact kill/resume, SIGTERM save/resume, fail-fast config errors,
 corrupt/incompatible checkpoints, the non-finite guard and the optimizer pieces."""
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -120,6 +121,31 @@ def test_incompatible_checkpoint_names_step(runs, tmp_path):
     c.model.expert_dim = 64
     with pytest.raises(CheckpointError, match=f"step {STEPS}.*incompatible"):
         train(c, work, devices=ONE)
+
+
+def test_load_params_reads_a_train_run_and_a_params_save(runs, tmp_path):
+    """One reader for every consumer (generate, RL warm starts): the params of a train run's last state (equal to
+    the Orbax state restored whole), a save_params folder, and a clear error for another model's checkpoint."""
+    from m1_jax.train import checkpoint as ckpt_lib
+    from m1_jax.train.loop import model_config_from
+
+    cfg, params = ckpt_lib.load_params(runs["full"])
+    assert cfg == model_config_from(small_config())
+    ckpt = ckpt_lib.Checkpointer(os.path.join(runs["full"], "checkpoints"), async_save=False)
+    setup = build_setup(small_config(), devices=ONE)
+    whole, _ = ckpt.restore(STEPS, state_lib.abstract_state(cfg, opt_lib.make_optimizer(setup.optimizer)))
+    ckpt.close()
+    for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(whole.params)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    ckpt_lib.save_params(str(tmp_path / "p"), params, {"model_config": dataclasses.asdict(cfg)})
+    again_cfg, again = ckpt_lib.load_params(str(tmp_path / "p"))
+    assert again_cfg == cfg
+    for got, want in zip(jax.tree.leaves(again), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    with pytest.raises(CheckpointError, match="shape"):
+        ckpt_lib.load_params(runs["full"], cfg.replace(expert_dim=64))
+    with pytest.raises(ValueError, match="no checkpoint|does not exist"):
+        ckpt_lib.load_params(str(tmp_path / "nothing"))
 
 
 @pytest.mark.parametrize("change, message", [

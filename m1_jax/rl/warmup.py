@@ -10,18 +10,15 @@ temperature) by default, because that is the reward RL sees: a greedy 30% can be
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Callable
 
 from absl import logging
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from m1_jax.config import ModelConfig
 from m1_jax.data import packing
 from m1_jax.data import sources
-from m1_jax.model import abstract_params
 from m1_jax.rl.rollout import greedy_accuracy, sampled_accuracy
 from m1_jax.train import checkpoint as ckpt_lib
 from m1_jax.train import optimizer as opt_lib
@@ -107,45 +104,5 @@ def sft_warmup(cfg: ModelConfig, tokenizer, wc: WarmupConfig, *, log_fn: Callabl
 
 
 def save_params(directory: str, cfg: ModelConfig, params, meta: dict | None = None) -> None:
-    """A one-step checkpoint {"params": ...} readable by `load_params` (like experiments/train.py's)."""
-    ckpt = ckpt_lib.Checkpointer(directory, max_to_keep=1, async_save=False)
-    ckpt.save(0, {"params": params}, dict(meta or {}, model_config=dataclasses.asdict(cfg)), wait=True)
-    ckpt.close()
-
-
-def load_params(directory: str, cfg: ModelConfig | None = None):
-    """(cfg, params) from the latest checkpoint in `directory`: experiments/train.py's WORKDIR or its
-    checkpoints/ folder, or a `save_params` folder. Only the params are read; cfg defaults to the saved one."""
-    if os.path.isdir(os.path.join(directory, "checkpoints")):
-        directory = os.path.join(directory, "checkpoints")
-    ckpt = ckpt_lib.Checkpointer(directory, max_to_keep=1, async_save=False)
-    step = ckpt.latest_step()
-    if step is None:
-        raise ValueError(f"no checkpoint in {directory}; pass the --workdir of experiments/train.py (or its "
-                         "checkpoints/ folder) or a warm-start folder written by experiments/rl.py")
-    meta = ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    if cfg is None:
-        if "model_config" not in meta:
-            raise ValueError(f"checkpoint {directory}/{step} names no model_config; pass the model config explicitly")
-        cfg = ModelConfig(**meta["model_config"])
-    target_paths, _, treedef, target_leaves = ckpt_lib._leaf_layout(abstract_params(cfg))  # pylint: disable=protected-access
-    saved_paths = meta["leaf_paths"]
-    # TrainState stores params under ".params"; save_params under "['params']".
-    index = {}
-    for i, path in enumerate(saved_paths):
-        for prefix in (".params", "['params']"):
-            if path.startswith(prefix):
-                index[path[len(prefix):]] = i
-    missing = [p for p in target_paths if p not in index]
-    if missing:
-        raise ValueError(f"checkpoint {directory}/{step} lacks params {missing[:3]}... for this model config; it was "
-                         "written for a different model")
-    raw = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    leaves = []
-    for path, want in zip(target_paths, target_leaves):
-        arr = np.asarray(raw[f"leaf_{index[path]:05d}"])
-        if arr.shape != tuple(want.shape):
-            raise ValueError(f"checkpoint param {path} has shape {arr.shape}, the model wants {tuple(want.shape)}")
-        leaves.append(jax.numpy.asarray(arr, want.dtype))
-    ckpt.close()
-    return cfg, jax.tree_util.tree_unflatten(treedef, leaves)
+    """A one-step checkpoint {"params": ...} that `checkpoint.load_params` reads (like experiments/train.py's)."""
+    ckpt_lib.save_params(directory, params, dict(meta or {}, model_config=dataclasses.asdict(cfg)))

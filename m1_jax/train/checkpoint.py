@@ -12,11 +12,46 @@ from typing import Any
 
 from absl import logging
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
 class CheckpointError(ValueError):
     """A checkpoint that exists but cannot be used (corrupt or incompatible)."""
+
+
+def load_params(directory: str, cfg=None, step: int | None = None):
+    """(cfg, params) from a checkpoint folder: experiments/train.py's WORKDIR (or its checkpoints/), or a
+    `save_params` folder; the latest step unless `step`. cfg defaults to the saved model config."""
+    from m1_jax.config import ModelConfig  # here, not at the top: the model is only needed by this reader
+    from m1_jax.model import abstract_params
+
+    if os.path.isdir(os.path.join(directory, "checkpoints")):
+        directory = os.path.join(directory, "checkpoints")
+    if not os.path.isdir(directory):
+        raise ValueError(f"{directory} does not exist; pass the --workdir of a training run or a save_params folder")
+    ckpt = Checkpointer(directory, max_to_keep=1, async_save=False)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise ValueError(f"no checkpoint in {directory}; pass the --workdir of experiments/train.py (or its "
+                             "checkpoints/ folder) or a warm-start folder written by experiments/rl.py")
+        if cfg is None:
+            meta = ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            if "model_config" not in meta:
+                raise ValueError(f"checkpoint {directory}/{step} names no model_config; pass the model config")
+            cfg = ModelConfig(**meta["model_config"])
+        params, _ = ckpt.restore_params(step, abstract_params(cfg))
+    finally:
+        ckpt.close()
+    return cfg, params
+
+
+def save_params(directory: str, params, meta: dict[str, Any]) -> None:
+    """A one-step checkpoint {"params": ...} with `meta` (it should hold model_config) that load_params reads."""
+    ckpt = Checkpointer(directory, max_to_keep=1, async_save=False)
+    ckpt.save(0, {"params": params}, meta, wait=True)
+    ckpt.close()
 
 
 def _leaf_layout(tree) -> tuple[list[str], list[list[int]], Any, list]:
@@ -84,6 +119,31 @@ class Checkpointer:
                                       f"expected {want.dtype}{list(want.shape)}; {fix}")
         logging.info("restored %s", where)
         return jax.tree_util.tree_unflatten(treedef, arrays), meta
+
+    def restore_params(self, step: int, abstract_params):
+        """(params, meta) of `step` with only the parameters taken: the `.params` leaves of a train state, or
+        the tree of a {"params": ...} save (`save_params`). abstract_params: the model's parameter shapes."""
+        where = f"checkpoint at step {step} in {self.directory}"
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        index = {}
+        for i, path in enumerate(meta.get("leaf_paths", [])):
+            for prefix in (".params", "['params']"):  # TrainState's field / save_params' dict key
+                if path.startswith(prefix):
+                    index[path[len(prefix):]] = i
+        paths, _, treedef, wants = _leaf_layout(abstract_params)
+        missing = [p for p in paths if p not in index]
+        if missing:
+            raise CheckpointError(f"{where} lacks params {missing[:3]} of this model config; it was written for a "
+                                  "different model (or not by m1_jax)")
+        raw = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+        leaves = []
+        for path, want in zip(paths, wants):
+            arr = np.asarray(raw[f"leaf_{index[path]:05d}"])
+            if arr.shape != tuple(want.shape):
+                raise CheckpointError(f"{where}: param {path} has shape {arr.shape}, the model wants "
+                                      f"{tuple(want.shape)}")
+            leaves.append(jax.numpy.asarray(arr, want.dtype))
+        return jax.tree_util.tree_unflatten(treedef, leaves), meta
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -1,8 +1,8 @@
 """What the softmax layers buy: recall at growing context lengths, pure softmax vs pure lightning vs hybrid.
 
-    python experiments/long_context.py --quick    # 2 layers (1:1 hybrid), L in {64,128}, 600 steps: ~6 min, loaded CPU
-    python experiments/long_context.py            # 8 layers (7:1 hybrid), L in {64,128,256}, 1500 steps: 42 CPU-min
-    python experiments/long_context.py --layers=4 --lengths=64,128,256 --steps=2000 --out=/tmp/lc.png
+    python experiments/paper/long_context.py --quick    # 2 layers (1:1 hybrid), L in {64,128}, 600 steps: ~6 min, loaded CPU
+    python experiments/paper/long_context.py            # 8 layers (7:1 hybrid), L in {64,128,256}, 1500 steps: 42 CPU-min
+    python experiments/paper/long_context.py --layers=4 --lengths=64,128,256 --steps=2000 --out=/tmp/lc.png
 
 Three models of (nearly) equal parameter count: pure softmax, pure lightning, and the M1 hybrid (one softmax
 layer closing a group of `--layers` layers: 7:1 at 8 layers, 3:1 at 4, 1:1 at 2). The MLP width of each variant

@@ -1,6 +1,6 @@
 """CISPO vs DAPO vs GRPO from one warm start, several seeds each: eval accuracy against RL steps.
 
-  python experiments/compare_rl.py --workdir=/tmp/compare_rl --steps=80 --seeds=3
+  python experiments/paper/compare_rl.py --workdir=/tmp/compare_rl --steps=80 --seeds=3
 Writes WORKDIR/compare_rl.png (sampled avg@k and greedy accuracy, mean and per seed) and prints a markdown
 table: accuracy at the start and the end, the first eval step each run reaches the target (start accuracy +
 --target_gain, or --target), and each algorithm's mean steps-to-target divided by CISPO's (reported whichever
@@ -152,6 +152,7 @@ def main(argv):
     from m1_jax.config import get_config
     from m1_jax.data import load_tokenizer
     from m1_jax.rl import warmup as warmup_lib
+    from m1_jax.train import checkpoint as ckpt_lib
     from m1_jax.rl.loop import default_eval_split
 
     jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "m1_jax_xla"))
@@ -160,12 +161,12 @@ def main(argv):
     tok = load_tokenizer("byte")
     split = default_eval_split(FLAGS.task)
     if FLAGS.init_checkpoint:
-        cfg, warm = warmup_lib.load_params(FLAGS.init_checkpoint)
+        cfg, warm = ckpt_lib.load_params(FLAGS.init_checkpoint)
     else:
         cfg = get_config("tiny")
         warm_dir = os.path.join(FLAGS.workdir, "warm_start")
         if os.path.isdir(warm_dir):
-            warm = warmup_lib.load_params(warm_dir, cfg)[1]
+            warm = ckpt_lib.load_params(warm_dir, cfg)[1]
         else:
             wc = warmup_lib.WarmupConfig(task=FLAGS.task, max_steps=FLAGS.warmup_max_steps, target_accuracy=FLAGS.warmup_target,
                                          eval_every=25, max_new_tokens=FLAGS.max_new_tokens, eval_split=split,

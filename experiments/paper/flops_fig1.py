@@ -1,6 +1,6 @@
 """Figure 1 (right) of the MiniMax-M1 report: cumulative generation FLOPs against generated length.
 
-    python experiments/flops.py --out=/tmp/flops_fig1.png
+    python experiments/paper/flops_fig1.py --out=/tmp/flops_fig1.png
 
 Plots, for MiniMax-M1, DeepSeek-R1 and Qwen3-235B-A22B, our accounting (m1_jax.flops.generation_flops, solid),
 the report's convention computed from each architecture (dashed) and the curves fitted to the report's plot
