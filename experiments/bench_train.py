@@ -33,7 +33,7 @@ _ROUNDS = flags.DEFINE_integer("rounds", 3, "worker runs per side, alternating j
 _THREADS = flags.DEFINE_integer("threads", 0, "torch intra-op threads on CPU (0: torch's default)")
 _TORCH = flags.DEFINE_bool("torch", True, "also run transformers' PyTorch MiniMax")
 _GROUPED = flags.DEFINE_enum("moe_grouped_matmul", "auto", list(GROUPED_MATMUL_IMPLS),
-                             "m1-jax's MoE grouped matmul (ModelConfig.moe_grouped_matmul)")
+                             "m1-jax's MoE grouped matmul (ImplConfig.moe_grouped_matmul)")
 _WORKER = flags.DEFINE_string("worker", None, "internal: 'jax:PRESET' or 'torch:PRESET'")
 
 

@@ -1,7 +1,9 @@
-"""ModelConfig: every architectural constant of MiniMax-M1, and presets.
+"""ModelConfig: every architectural constant of MiniMax-M1; ImplConfig (its `impl` field): how it is computed;
+presets.
 
-One frozen, hashable dataclass (static under jit). Presets come from `get_config(name)`. The config.json
-mapping (official and transformers keys) is in hf.py (`config_from_hf`, `config_to_hf`).
+Frozen, hashable dataclasses (static under jit). Presets come from `get_config(name)`: an architecture with an
+implementation profile (IMPL_PROFILES). The config.json mapping (official and transformers keys) is in hf.py
+(`config_from_hf`, `config_to_hf`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,91 @@ SOFTMAX_IMPLS = ("auto", "pallas_gpu", "pallas_tpu", "blockwise", "reference")  
 
 
 @dataclasses.dataclass(frozen=True)
+class ImplConfig:
+    """How the model is computed: kernels, tiles, MoE parallelism, remat, precision, scan unrolling. These change
+    speed and memory, never the function (beyond rounding), except moe_capacity_factor > 0, which drops tokens.
+
+    `ModelConfig.impl` holds one; `ModelConfig.replace` and `get_config` take these fields by name too.
+    IMPL_PROFILES names the tuned sets (the accelerator defaults, and "cpu" for the CPU presets).
+    """
+
+    # Lightning attention's block (chunk) length in tokens; the official code's block_size.
+    block_size: int = 256
+    # MoE implementation: "dropless" (moe.py, single-device math; GSPMD cannot split its global sort) or
+    # "expert_parallel" (expert_parallel.py, shard_map all-to-all over the "expert" axis of the mesh set
+    # with jax.set_mesh; needed for pod-scale meshes). The next two fields only apply to "expert_parallel"
+    # (validate() rejects them with "dropless"): moe_backend "capacity" (all_to_all, runs everywhere) or
+    # "ragged" (ragged_all_to_all, GPU/TPU only); moe_capacity_factor > 0 caps each expert's slots (dropped
+    # copies contribute 0), 0 = dropless.
+    moe_impl: str = "dropless"
+    moe_backend: str = "capacity"
+    moe_capacity_factor: float = 0.0
+    # The experts' grouped matmul on every MoE path (pallas_kernels/grouped_matmul): "auto" picks by the
+    # platform compiled for: Pallas Triton on CUDA, megablox on TPU, pure-JAX "bucketed" on CPU.
+    moe_grouped_matmul: str = "auto"
+    # Default precision of every matmul (jax.default_matmul_precision around the model): "auto" = "highest" for a
+    # float32 dtype (on GPU, float32 matmuls otherwise run in TF32) and "default" for bf16/fp16.
+    matmul_precision: str = "auto"
+    # Softmax-attention tile for the memory-efficient (flash-style) path. Large tiles suit accelerators; on
+    # CPU, 256 x 128 keeps the score tile in L2 (measured fastest for the CPU presets).
+    attention_block_q: int = 512
+    attention_block_kv: int = 512
+    # Lightning-attention implementation: "auto" (Pallas kernel on the TPU/CUDA platform compiled for, chunked JAX
+    # elsewhere), "chunked", "pallas_gpu", "pallas_tpu". Under a mesh the model runs it per device (shard_map).
+    lightning_impl: str = "auto"
+    # Softmax-attention implementation (pallas_kernels.softmax_attention): "auto" = splash on TPU, Triton flash on
+    # CUDA, the blockwise pure-JAX path elsewhere; under a mesh it runs per device (shard_map), like lightning.
+    softmax_impl: str = "auto"
+    # Rematerialise each scanned layer group in the backward pass ("none" | "full" | "dots").
+    remat_policy: str = "full"
+    # Layer groups per iteration of the scan over groups: 1 keeps the compiled model one group long (fast
+    # compiles at 80 layers); num_groups unrolls it (the tiny preset: 1.5x faster fwd+bwd on XLA:CPU).
+    scan_unroll: int = 1
+
+    def validate(self) -> None:
+        def bad(msg):
+            raise ValueError(f"ImplConfig: {msg}")
+
+        for name in ("block_size", "attention_block_q", "attention_block_kv"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or value <= 0:
+                bad(f"{name} must be a positive integer, got {value!r}")
+        if self.lightning_impl not in ("auto", "chunked", "reference", "pallas_gpu", "pallas_tpu"):
+            bad(f"lightning_impl must be auto|chunked|reference|pallas_gpu|pallas_tpu, got {self.lightning_impl!r}")
+        if self.softmax_impl not in SOFTMAX_IMPLS:
+            bad(f"softmax_impl must be one of {SOFTMAX_IMPLS}, got {self.softmax_impl!r}")
+        if self.remat_policy not in ("none", "full", "dots"):
+            bad(f"remat_policy must be 'none', 'full' or 'dots', got {self.remat_policy!r}")
+        if not (isinstance(self.scan_unroll, int) and self.scan_unroll >= 1):
+            bad(f"scan_unroll must be an int >= 1, got {self.scan_unroll!r}")
+        if self.moe_impl not in MOE_IMPLS:
+            bad(f"moe_impl must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
+        if self.moe_backend not in MOE_BACKENDS:
+            bad(f"moe_backend must be one of {MOE_BACKENDS}, got {self.moe_backend!r}")
+        if self.moe_grouped_matmul not in GROUPED_MATMUL_IMPLS:
+            bad(f"moe_grouped_matmul must be one of {GROUPED_MATMUL_IMPLS}, got {self.moe_grouped_matmul!r}")
+        if not self.moe_capacity_factor >= 0:
+            bad(f"moe_capacity_factor must be >= 0 (0 = dropless), got {self.moe_capacity_factor!r}")
+        if self.moe_impl == "dropless" and (self.moe_backend != "capacity" or self.moe_capacity_factor != 0):
+            bad(f"moe_backend={self.moe_backend!r} and moe_capacity_factor={self.moe_capacity_factor!r} apply to "
+                "moe_impl='expert_parallel' only; moe_impl='dropless' never drops (leave them at 'capacity' and 0, "
+                "or set moe_impl='expert_parallel')")
+        if self.matmul_precision not in MATMUL_PRECISIONS:
+            bad(f"matmul_precision must be one of {MATMUL_PRECISIONS}, got {self.matmul_precision!r}")
+
+
+IMPL_FIELDS = frozenset(f.name for f in dataclasses.fields(ImplConfig))
+IMPL_PROFILES = {
+    "accelerator": ImplConfig(),
+    # XLA:CPU: lightning block 64 (the chunked path's fwd+bwd is 2.3x faster than 256 at 4 x 256 tokens),
+    # 256 x 128 softmax tiles (the score tile stays in L2), no remat (small models), two layer groups per scan
+    # iteration (the tiny preset's fwd+bwd 1.5x faster). Results differ from the defaults only by rounding.
+    "cpu": ImplConfig(block_size=64, attention_block_q=256, attention_block_kv=128, remat_policy="none",
+                      scan_unroll=2),
+}
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Architecture of a MiniMax-M1-style hybrid lightning/softmax MoE decoder."""
 
@@ -56,7 +143,6 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     # The official code never passes the config eps to the lightning output norm, so it keeps 1e-6.
     lightning_norm_eps: float = 1e-6
-    block_size: int = 256
     # Lightning decay convention (DECAY_CONVENTIONS). hf.config_from_hf sets it from the checkpoint's format: transformers'
     # (model_type "minimax") decays for a transformers checkpoint, the official ones for the official checkpoint.
     lightning_decay: str = "official"
@@ -66,45 +152,19 @@ class ModelConfig:
     expert_dim: int = 9216
     router_aux_loss_coef: float = 0.001
     router_jitter_noise: float = 0.0
-    # MoE implementation: "dropless" (moe.py, single-device math; GSPMD cannot split its global sort) or
-    # "expert_parallel" (expert_parallel.py, shard_map all-to-all over the "expert" axis of the mesh set
-    # with jax.set_mesh; needed for pod-scale meshes). The next two fields only apply to "expert_parallel"
-    # (validate() rejects them with "dropless"): moe_backend "capacity" (all_to_all, runs everywhere) or
-    # "ragged" (ragged_all_to_all, GPU/TPU only); moe_capacity_factor > 0 caps each expert's slots (dropped
-    # copies contribute 0), 0 = dropless.
-    moe_impl: str = "dropless"
-    moe_backend: str = "capacity"
-    moe_capacity_factor: float = 0.0
-    # The experts' grouped matmul on every MoE path (pallas_kernels/grouped_matmul): "auto" picks by the
-    # platform compiled for: Pallas Triton on CUDA, megablox on TPU, pure-JAX "bucketed" on CPU.
-    moe_grouped_matmul: str = "auto"
-    # Default precision of every matmul (jax.default_matmul_precision around the model): "auto" = "highest" for a
-    # float32 dtype (on GPU, float32 matmuls otherwise run in TF32) and "default" for bf16/fp16.
-    matmul_precision: str = "auto"
     # M1's fix for the train/inference probability mismatch: the LM head matmul runs in float32.
     fp32_lm_head: bool = True
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
     param_dtype: str = "float32"
     dtype: str = "bfloat16"  # compute dtype of activations and matmuls
-    # Softmax-attention tile for the memory-efficient (flash-style) path. Large tiles suit accelerators; on
-    # CPU, 256 x 128 keeps the score tile in L2 (measured fastest for the CPU presets).
-    attention_block_q: int = 512
-    attention_block_kv: int = 512
-    # Lightning-attention implementation: "auto" (Pallas kernel on the TPU/CUDA platform compiled for, chunked JAX
-    # elsewhere), "chunked", "pallas_gpu", "pallas_tpu". Under a mesh the model runs it per device (shard_map).
-    lightning_impl: str = "auto"
-    # Softmax-attention implementation (pallas_kernels.softmax_attention): "auto" = splash on TPU, Triton flash on
-    # CUDA, the blockwise pure-JAX path elsewhere; under a mesh it runs per device (shard_map), like lightning.
-    softmax_impl: str = "auto"
-    # Rematerialise each scanned layer group in the backward pass ("none" | "full" | "dots").
-    remat_policy: str = "full"
-    # Layer groups per iteration of the scan over groups: 1 keeps the compiled model one group long (fast
-    # compiles at 80 layers); num_groups unrolls it (the tiny preset: 1.5x faster fwd+bwd on XLA:CPU).
-    scan_unroll: int = 1
+    # How it is computed (kernels, tiles, remat, precision); see ImplConfig.
+    impl: ImplConfig = ImplConfig()
 
     def __post_init__(self):
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        if isinstance(self.impl, dict):  # from JSON (checkpoint metadata) or an ml_collections config
+            object.__setattr__(self, "impl", ImplConfig(**self.impl))
         self.validate()
 
     # ---------------------------------------------------------------- validation
@@ -113,8 +173,7 @@ class ModelConfig:
             raise ValueError(f"ModelConfig: {msg}")
 
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                                  "num_experts", "num_experts_per_tok", "expert_dim", "block_size", "attention_block_q",
-                                  "attention_block_kv", "max_position_embeddings"):
+                                  "num_experts", "num_experts_per_tok", "expert_dim", "max_position_embeddings"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or value <= 0:
                 bad(f"{name} must be a positive integer, got {value!r}")
@@ -135,32 +194,13 @@ class ModelConfig:
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in _DTYPES:
                 bad(f"{name} must be one of {_DTYPES}, got {getattr(self, name)!r}")
-        if self.lightning_impl not in ("auto", "chunked", "reference", "pallas_gpu", "pallas_tpu"):
-            bad(f"lightning_impl must be auto|chunked|reference|pallas_gpu|pallas_tpu, got {self.lightning_impl!r}")
-        if self.softmax_impl not in SOFTMAX_IMPLS:
-            bad(f"softmax_impl must be one of {SOFTMAX_IMPLS}, got {self.softmax_impl!r}")
-        if self.remat_policy not in ("none", "full", "dots"):
-            bad(f"remat_policy must be 'none', 'full' or 'dots', got {self.remat_policy!r}")
-        if not (isinstance(self.scan_unroll, int) and self.scan_unroll >= 1):
-            bad(f"scan_unroll must be an int >= 1, got {self.scan_unroll!r}")
         if self.router_aux_loss_coef < 0 or self.router_jitter_noise < 0:
             bad("router_aux_loss_coef and router_jitter_noise must be >= 0")
-        if self.moe_impl not in MOE_IMPLS:
-            bad(f"moe_impl must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
-        if self.moe_backend not in MOE_BACKENDS:
-            bad(f"moe_backend must be one of {MOE_BACKENDS}, got {self.moe_backend!r}")
-        if self.moe_grouped_matmul not in GROUPED_MATMUL_IMPLS:
-            bad(f"moe_grouped_matmul must be one of {GROUPED_MATMUL_IMPLS}, got {self.moe_grouped_matmul!r}")
-        if not self.moe_capacity_factor >= 0:
-            bad(f"moe_capacity_factor must be >= 0 (0 = dropless), got {self.moe_capacity_factor!r}")
-        if self.moe_impl == "dropless" and (self.moe_backend != "capacity" or self.moe_capacity_factor != 0):
-            bad(f"moe_backend={self.moe_backend!r} and moe_capacity_factor={self.moe_capacity_factor!r} apply to "
-                "moe_impl='expert_parallel' only; moe_impl='dropless' never drops (leave them at 'capacity' and 0, "
-                "or set moe_impl='expert_parallel')")
         if self.lightning_decay not in DECAY_CONVENTIONS:
             bad(f"lightning_decay must be one of {DECAY_CONVENTIONS}, got {self.lightning_decay!r}")
-        if self.matmul_precision not in MATMUL_PRECISIONS:
-            bad(f"matmul_precision must be one of {MATMUL_PRECISIONS}, got {self.matmul_precision!r}")
+        if not isinstance(self.impl, ImplConfig):
+            bad(f"impl must be an ImplConfig, got {type(self.impl).__name__}")
+        self.impl.validate()
 
     # ---------------------------------------------------------------- derived facts
     @property
@@ -209,11 +249,15 @@ class ModelConfig:
     @property
     def default_matmul_precision(self) -> str:
         """The matmul precision the model runs under: matmul_precision, with "auto" resolved by dtype."""
-        if self.matmul_precision != "auto":
-            return self.matmul_precision
+        if self.impl.matmul_precision != "auto":
+            return self.impl.matmul_precision
         return "highest" if self.dtype == "float32" else "default"
 
     def replace(self, **changes) -> "ModelConfig":
+        """A copy with fields changed: ModelConfig fields, and ImplConfig fields by name (into `impl`)."""
+        impl = {k: changes.pop(k) for k in list(changes) if k in IMPL_FIELDS}
+        if impl:
+            changes["impl"] = dataclasses.replace(changes.get("impl", self.impl), **impl)
         return dataclasses.replace(self, **changes)
 
 
@@ -243,8 +287,7 @@ def _tiny() -> ModelConfig:
             vocab_size=259, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16,
             layer_types=_hybrid_types(4, period=2), rotary_dim=8, rope_theta=10_000.0,
             max_position_embeddings=65_536, lightning_alpha=(2 * 4) ** 0.25, softmax_alpha=(2 * 4) ** 0.25,
-            mlp_alpha=(2 * 4) ** 0.25, block_size=64, num_experts=4, num_experts_per_tok=2, expert_dim=128,
-            dtype="float32", attention_block_q=256, attention_block_kv=128, remat_policy="none", scan_unroll=2)
+            mlp_alpha=(2 * 4) ** 0.25, num_experts=4, num_experts_per_tok=2, expert_dim=128, dtype="float32")
 
 
 def _cpu_100m() -> ModelConfig:
@@ -253,11 +296,7 @@ def _cpu_100m() -> ModelConfig:
             vocab_size=259, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2, head_dim=64,
             layer_types=_hybrid_types(8), rotary_dim=32, rope_theta=10_000.0, max_position_embeddings=1_048_576,
             lightning_alpha=(2 * 8) ** 0.25, softmax_alpha=(2 * 8) ** 0.25, mlp_alpha=(2 * 8) ** 0.25,
-            # Lightning block 64, not M1's 256: the chunked CPU path's fwd+bwd is 2.3x faster at 4 x 256 tokens
-            # (measured); results differ only by rounding, and torch runs the same config in bench_train.
-            block_size=64, num_experts=8, num_experts_per_tok=2, expert_dim=896, dtype="float32",
-            attention_block_q=256, attention_block_kv=128,
-            remat_policy="none")
+            num_experts=8, num_experts_per_tok=2, expert_dim=896, dtype="float32")
 
 
 def _slice_1b() -> ModelConfig:
@@ -267,23 +306,29 @@ def _slice_1b() -> ModelConfig:
             vocab_size=259, hidden_size=2048, num_layers=8, num_heads=16, num_kv_heads=4, head_dim=128,
             layer_types=_hybrid_types(8), rotary_dim=64, rope_theta=10_000_000.0,
             max_position_embeddings=1_048_576, lightning_alpha=(2 * 8) ** 0.25, softmax_alpha=(2 * 8) ** 0.25,
-            mlp_alpha=(2 * 8) ** 0.25, block_size=256, num_experts=8, num_experts_per_tok=2, expert_dim=4096,
-            dtype="bfloat16", remat_policy="full")
+            mlp_alpha=(2 * 8) ** 0.25, num_experts=8, num_experts_per_tok=2, expert_dim=4096, dtype="bfloat16")
 
 
+# name -> (architecture, the IMPL_PROFILES entry it runs with by default). The CPU-sized presets default to the
+# CPU profile (they are run on CPUs: tests, the laptop job, bench_train against torch on CPU); pass
+# impl="accelerator" (or any ImplConfig fields) to get_config to change it.
 PRESETS = {
-        "minimax-m1-80k": _m1,
-        "minimax-m1-40k": _m1,
-        "minimax-text-01": _m1,
-        "tiny": _tiny,
-        "cpu-100m": _cpu_100m,
-        "slice-1b": _slice_1b,
+        "minimax-m1-80k": (_m1, "accelerator"),
+        "minimax-m1-40k": (_m1, "accelerator"),
+        "minimax-text-01": (_m1, "accelerator"),
+        "tiny": (_tiny, "cpu"),
+        "cpu-100m": (_cpu_100m, "cpu"),
+        "slice-1b": (_slice_1b, "accelerator"),
 }
 
 
-def get_config(name: str, **overrides) -> ModelConfig:
-    """A preset by name, with optional field overrides."""
+def get_config(name: str, impl: str | None = None, **overrides) -> ModelConfig:
+    """A preset by name with its default implementation profile (or `impl`, a name in IMPL_PROFILES), and optional
+    field overrides (ModelConfig or ImplConfig fields)."""
     if name not in PRESETS:
         raise ValueError(f"unknown config {name!r}; presets: {sorted(PRESETS)}")
-    cfg = PRESETS[name]()
-    return cfg.replace(**overrides) if overrides else cfg
+    arch, profile = PRESETS[name]
+    profile = profile if impl is None else impl
+    if profile not in IMPL_PROFILES:
+        raise ValueError(f"unknown implementation profile {profile!r}; profiles: {sorted(IMPL_PROFILES)}")
+    return arch().replace(impl=IMPL_PROFILES[profile], **overrides)

@@ -210,7 +210,7 @@ def lightning_attention_flops(seq_len: int, num_heads: int, d_k: int, d_v: int, 
 def forward_flops(cfg: ModelLike, seq_len: int, *, softmax_blocks: bool = False) -> int:
     """Forward FLOPs of one whole sequence of `seq_len` tokens (batch 1), training/prefill mode.
 
-    For M1-style configs lightning layers use the blockwise algorithm with cfg.block_size. For R1/Qwen3 only
+    For M1-style configs lightning layers use the blockwise algorithm with cfg.impl.block_size. For R1/Qwen3 only
     softmax attention exists. softmax_blocks=True counts executed tiles of blockwise attention (M1 configs only).
     """
     if seq_len <= 0:
@@ -222,11 +222,11 @@ def forward_flops(cfg: ModelLike, seq_len: int, *, softmax_blocks: bool = False)
     if softmax_blocks:
         if not isinstance(cfg, ModelConfig):
             raise ValueError("softmax_blocks=True needs a ModelConfig (it reads attention_block_q/kv)")
-        blocks = dict(block_q=cfg.attention_block_q, block_kv=cfg.attention_block_kv)
+        blocks = dict(block_q=cfg.impl.attention_block_q, block_kv=cfg.impl.attention_block_kv)
     total += p.softmax_layers * softmax_attention_flops(seq_len, p.softmax_heads, p.d_qk, p.d_v, **blocks)
     if p.lightning_layers:
         total += p.lightning_layers * lightning_attention_flops(seq_len, p.lightning_heads, p.d_k, p.d_lv,
-                                                                cfg.block_size)
+                                                                cfg.impl.block_size)
     return int(total)
 
 

@@ -25,7 +25,7 @@ from absl import logging
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from m1_jax.config import LIGHTNING, SOFTMAX, ModelConfig
+from m1_jax.config import LIGHTNING, SOFTMAX, ImplConfig, ModelConfig
 
 _OFFICIAL_CODE = {LIGHTNING: 0, SOFTMAX: 1}  # attn_type_list
 _HF_NAME = {LIGHTNING: "linear_attention", SOFTMAX: "full_attention"}  # transformers' layer_types
@@ -97,7 +97,6 @@ def config_from_hf(hf: dict[str, Any], **overrides) -> ModelConfig:
             mlp_alpha=pick("layernorm_mlp_alpha", "mlp_alpha_factor"),
             mlp_beta=pick("layernorm_mlp_beta", "mlp_beta_factor"),
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
-            block_size=int(hf.get("block_size", 256)),
             num_experts=int(hf.get("num_local_experts", hf.get("num_experts", 8))),
             num_experts_per_tok=int(hf.get("num_experts_per_tok", 2)),
             expert_dim=int(hf["intermediate_size"]),
@@ -109,8 +108,9 @@ def config_from_hf(hf: dict[str, Any], **overrides) -> ModelConfig:
             lightning_decay=hf.get("lightning_decay_convention") or (
                     "transformers" if hf.get("model_type") == "minimax" else "official"),
     )
-    kwargs.update(overrides)
-    return ModelConfig(**kwargs)
+    cfg = ModelConfig(**kwargs, impl=ImplConfig(block_size=int(hf.get("block_size", 256))))
+    return cfg.replace(**overrides)
+
 
 def config_to_hf(cfg: ModelConfig, style: str = "transformers") -> dict[str, Any]:
     """cfg as a config.json dict.
@@ -183,7 +183,7 @@ def config_to_hf(cfg: ModelConfig, style: str = "transformers") -> dict[str, Any
             full_attn_beta_factor=cfg.softmax_beta,
             mlp_alpha_factor=cfg.mlp_alpha,
             mlp_beta_factor=cfg.mlp_beta,
-            block_size=cfg.block_size,
+            block_size=cfg.impl.block_size,
     )
     return out
 

@@ -69,7 +69,7 @@ class MiniMaxM1(nn.Module):
             split_rngs={"params": True, "jitter": True},
             in_axes=(0, 0, nn.broadcast, nn.broadcast),
             length=cfg.num_groups,
-            unroll=min(cfg.scan_unroll, cfg.num_groups),
+            unroll=min(cfg.impl.scan_unroll, cfg.num_groups),
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, name="groups")
         zero_stats = (jnp.zeros(cfg.num_experts, jnp.float32), jnp.zeros(cfg.num_experts, jnp.float32),

@@ -45,9 +45,7 @@ def _assert_same(a, b):
 def test_round_trip_sharded_files(tmp_path):
     cfg, params = _tiny_checkpoint(tmp_path)
     assert len([f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]) > 1
-    loaded_cfg, loaded = load_checkpoint(str(tmp_path), dtype=cfg.dtype, attention_block_q=cfg.attention_block_q,
-                                         attention_block_kv=cfg.attention_block_kv, remat_policy="none",
-                                         scan_unroll=cfg.scan_unroll)
+    loaded_cfg, loaded = load_checkpoint(str(tmp_path), dtype=cfg.dtype, impl=cfg.impl)
     assert loaded_cfg == cfg
     _assert_same(params, loaded)
 

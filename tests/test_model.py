@@ -252,7 +252,7 @@ def test_every_matmul_runs_at_the_config_precision(dtype):
     import re
 
     cfg = get_config("tiny", dtype=dtype)
-    L = cfg.attention_block_q + 44
+    L = cfg.impl.attention_block_q + 44
     params = abstract_params(cfg)
     tokens = jax.ShapeDtypeStruct((1, L), jnp.int32)
     segments = jnp.asarray(np.repeat([1, 2], [L // 2, L - L // 2])[None], jnp.int32)

@@ -51,9 +51,9 @@ def _our_config(case: Case, seed: int) -> ModelConfig:
         max_position_embeddings=4096, lightning_alpha=float(rng.uniform(0.5, 2)),
         lightning_beta=float(rng.uniform(0.5, 2)), softmax_alpha=float(rng.uniform(0.5, 2)),
         softmax_beta=float(rng.uniform(0.5, 2)), mlp_alpha=float(rng.uniform(0.5, 2)),
-        mlp_beta=float(rng.uniform(0.5, 2)), block_size=case.block_size, num_experts=case.experts,
+        mlp_beta=float(rng.uniform(0.5, 2)), num_experts=case.experts,
         num_experts_per_tok=case.top_k, expert_dim=48, dtype="float32", param_dtype="float32",
-        attention_block_q=16, attention_block_kv=16, remat_policy="none")
+    ).replace(block_size=case.block_size, attention_block_q=16, attention_block_kv=16, remat_policy="none")
 
 
 def _hf_model(hf_config: dict, seed: int):

@@ -16,13 +16,13 @@ import tiny  # noqa: E402
 def get_config():
     c = tiny.base_config("minimax-m1-80k")
     c.model.dtype = "bfloat16"
-    c.model.remat_policy = "full"
+    c.model.impl.remat_policy = "full"
     # Expert parallelism (shard_map all-to-all over the mesh's expert axis): the dropless single-device MoE's
     # global sort cannot be split by GSPMD (~20 TB of temporaries per device on 8x64). Capacity 1.25 as in
     # GShard/MaxText; "ragged" is the dropless-capable backend on GPU/TPU (XLA:CPU cannot compile it).
-    c.model.moe_impl = "expert_parallel"
-    c.model.moe_backend = "capacity"
-    c.model.moe_capacity_factor = 1.25
+    c.model.impl.moe_impl = "expert_parallel"
+    c.model.impl.moe_backend = "capacity"
+    c.model.impl.moe_capacity_factor = 1.25
     c.data.tokenizer = "byte"        # point at MiniMax's tokenizer.json for real runs
     c.data.batch_size = 512
     c.data.seq_len = 8192

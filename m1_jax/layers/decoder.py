@@ -42,7 +42,7 @@ class DecoderLayer(nn.Module):
         x = alpha * h + beta * attn.astype(h.dtype)
         h2 = rms_norm(x, w_post, cfg.rms_norm_eps)
         token_mask = None if segment_ids_BxL is None else segment_ids_BxL != 0
-        if cfg.moe_impl == "expert_parallel":  # mesh from context (jax.set_mesh), batch over its batch axes
+        if cfg.impl.moe_impl == "expert_parallel":  # mesh from context (jax.set_mesh), batch over its batch axes
             moe = ExpertParallelMoE(cfg, name="moe")
         else:
             moe = MoE(cfg, name="moe")
@@ -68,10 +68,10 @@ class DecoderGroup(nn.Module):
         x, (counts_E, prob_sum_E, num_tokens) = carry
         p = self.cfg.group_period
         layer_cls = DecoderLayer
-        if self.cfg.remat_policy != "none":
+        if self.cfg.impl.remat_policy != "none":
             # Per layer, not per group: remat of a whole 8-layer group would hold all 8 layers'
             # activations at once while recomputing it.
-            layer_cls = nn.remat(DecoderLayer, prevent_cse=False, policy=_REMAT_POLICIES[self.cfg.remat_policy])
+            layer_cls = nn.remat(DecoderLayer, prevent_cse=False, policy=_REMAT_POLICIES[self.cfg.impl.remat_policy])
         new_caches, layer_counts = [], []
         for j, kind in enumerate(self.cfg.layer_types[:p]):
             layer_cache = None if cache_group is None else cache_group[j]

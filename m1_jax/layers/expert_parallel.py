@@ -28,7 +28,7 @@ first-choice first (all of a shard's top-1 copies, then its top-2, ...; token or
 GShard style, so overflow drops second choices before first choices.
 
 Both run the local experts with `pallas_kernels.grouped_matmul` (`grouped_matmul_impl`, the single-device
-MoE's `ModelConfig.moe_grouped_matmul`). Both return the load-balance stats (counts_E, prob_sum_E, num_tokens) summed over every token shard,
+MoE's `ModelConfig.impl.moe_grouped_matmul`). Both return the load-balance stats (counts_E, prob_sum_E, num_tokens) summed over every token shard,
 so `aux_loss_from_stats` gives the same value as the single-device MoE, plus drop accounting.
 Padding tokens (token_mask 0) are routed and computed like real tokens, as in `MoE`; the mask only
 affects the load-balance stats.
@@ -44,15 +44,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
+from m1_jax import sharding
 from m1_jax.config import ModelConfig
 from m1_jax.layers.moe import grouped_swiglu, moe_dropless, moe_params, route, router_jitter
 
 BACKENDS = ("capacity", "ragged")
-
-
-def default_batch_axes(mesh, expert_axis: str = "expert") -> tuple[str, ...]:
-    """Mesh axes that shard the tokens by default: data, fsdp and the expert axis (as sharding.py's batch)."""
-    return tuple(a for a in mesh.axis_names if a in ("data", "fsdp", expert_axis))
 
 
 def capacity_per_expert(tokens_per_shard: int, k: int, num_experts: int, capacity_factor) -> int:
@@ -70,7 +66,9 @@ def moe_expert_parallel(x_TxD, router_w_DxE, w_gate_ExDxF, w_up_ExDxF, w_down_Ex
                         token_mask_T=None, jitter_TxD=None, ragged_all_to_all=jax.lax.ragged_all_to_all):
     """Expert-parallel dropless-or-capacity MoE over `mesh`. Returns (y_TxD, stats).
 
-    x_TxD: tokens (global shape), sharded over `batch_axes` (default: data/fsdp/expert axes present).
+    x_TxD: tokens (global shape), sharded over `batch_axes` (default `sharding.token_axes`: the mesh's batch
+    axes, then context, the expert axis always). Over an expert_ffn axis the expert weights are gathered at the
+    shard_map boundary and their gradients summed back over it by the transpose.
     router_w_DxE: float32 router (replicated inside). w_*: expert weights, sharded over `expert_axis`
     on their leading E dimension inside the shard_map (other shardings are gathered at the boundary).
     token_mask_T: optional, 0 for padding (load-balance stats only). jitter_TxD: optional multiplicative
@@ -88,7 +86,7 @@ def moe_expert_parallel(x_TxD, router_w_DxE, w_gate_ExDxF, w_up_ExDxF, w_down_Ex
     if expert_axis not in mesh.axis_names:
         raise ValueError(f"expert_axis {expert_axis!r} is not a mesh axis {mesh.axis_names}; pass the "
                          "name of the axis that shards the experts")
-    batch_axes = default_batch_axes(mesh, expert_axis) if batch_axes is None else tuple(batch_axes)
+    batch_axes = sharding.token_axes(mesh, expert_axis) if batch_axes is None else tuple(batch_axes)
     if expert_axis not in batch_axes:
         raise ValueError(f"batch_axes {batch_axes} must include the expert axis {expert_axis!r}: the expert "
                          "axis also shards the tokens")
@@ -261,16 +259,6 @@ def context_mesh(expert_axis: str = "expert"):
     return mesh
 
 
-def model_batch_axes(mesh, expert_axis: str = "expert") -> tuple[str, ...]:
-    """The axes the model's flattened tokens are split over (sharding.py's "tokens" rule: data, fsdp, expert and
-    expert_ffn where present, then context, which splits the length), so tokens enter the shard_map without a
-    reshard. Over an
-    expert_ffn axis the expert weights are gathered at the shard_map boundary (each device runs its local
-    experts' full FFN on its own tokens) and their gradients summed back over it by the transpose."""
-    present = [a for a in ("data", "fsdp", expert_axis, "expert_ffn", "context") if a in mesh.axis_names]
-    return tuple(a for a in present if mesh.shape[a] > 1 or a == expert_axis)
-
-
 class ExpertParallelMoE(nn.Module):
     """Drop-in for `MoE` (same parameter names, shapes, logical axes and return value) running experts in
     parallel over `mesh`, configured by cfg's moe_backend, moe_capacity_factor and moe_grouped_matmul.
@@ -278,7 +266,7 @@ class ExpertParallelMoE(nn.Module):
     collection as "moe_dropped" (visible when that collection is mutable).
 
     mesh None: the mesh from context (`jax.set_mesh`); batch_axes None: that mesh's batch axes
-    (`model_batch_axes`). During `init` (parameter shapes only; model init traces a 1x1 token batch that
+    (`sharding.token_axes`: the batch axes, then context). During `init` (parameter shapes only; model init traces a 1x1 token batch that
     no mesh splits) it computes the single-device dropless MoE instead, with the same parameters.
     """
 
@@ -302,15 +290,15 @@ class ExpertParallelMoE(nn.Module):
         if self.is_initializing():
             weights_TxK, experts_TxK, _ = route(h_TxD, w_router, cfg.num_experts_per_tok, jitter_TxD=jitter)
             y_TxD = moe_dropless(h_TxD.astype(dtype), weights_TxK, experts_TxK, w_gate, w_up, w_down,
-                                 impl=cfg.moe_grouped_matmul)
+                                 impl=cfg.impl.moe_grouped_matmul)
             zeros_E = jnp.zeros((E,), jnp.float32)
             return y_TxD.reshape(B, L, D), (zeros_E, zeros_E, jnp.zeros((), jnp.float32))
         mesh = self.mesh if self.mesh is not None else context_mesh(self.expert_axis)
-        batch_axes = self.batch_axes if self.batch_axes is not None else model_batch_axes(mesh, self.expert_axis)
+        batch_axes = self.batch_axes if self.batch_axes is not None else sharding.token_axes(mesh, self.expert_axis)
         y_TxD, stats = moe_expert_parallel(
             h_TxD.astype(dtype), w_router, w_gate, w_up, w_down, mesh=mesh, k=cfg.num_experts_per_tok,
-            expert_axis=self.expert_axis, batch_axes=batch_axes, backend=cfg.moe_backend,
-            capacity_factor=cfg.moe_capacity_factor, grouped_matmul_impl=cfg.moe_grouped_matmul,
+            expert_axis=self.expert_axis, batch_axes=batch_axes, backend=cfg.impl.moe_backend,
+            capacity_factor=cfg.impl.moe_capacity_factor, grouped_matmul_impl=cfg.impl.moe_grouped_matmul,
             token_mask_T=mask_T, jitter_TxD=jitter)
         self.sow("intermediates", "moe_dropped", stats["dropped"])
         return y_TxD.reshape(B, L, D), (stats["counts_E"], stats["prob_sum_E"], stats["num_tokens"])

@@ -79,7 +79,7 @@ class LightningAttention(nn.Module):
             o_BxLxHxV = o_BxHxV[:, None]
         else:
             o_BxLxHxV, new_state = lightning_per_device(q, k, v, decay_H, state_BxHxKxV, segment_ids_BxL,
-                                                        impl=cfg.lightning_impl, block_size=cfg.block_size)
+                                                        impl=cfg.impl.lightning_impl, block_size=cfg.impl.block_size)
             new_state = new_state if return_state else None
         # RMSNorm jointly over all heads' channels (not per head), eps 1e-6 as in the official code.
         o_BxLxF = rms_norm(o_BxLxHxV.astype(dtype).reshape(B, L, H * Dh), w_norm.reshape(H * Dh),

@@ -2,7 +2,7 @@
 
 Dropless dispatch sorts the token copies by expert so each expert's rows are contiguous, then runs the three
 SwiGLU matmuls as grouped matmuls (`pallas_kernels.grouped_matmul`, at the routed FLOPs on every platform; the
-implementation is `ModelConfig.moe_grouped_matmul`). No row is ever dropped.
+implementation is `ModelConfig.impl.moe_grouped_matmul`). No row is ever dropped.
 """
 
 import functools
@@ -141,5 +141,5 @@ class MoE(nn.Module):
         weights_TxK, experts_TxK, stats = route(h_TxD, w_router, cfg.num_experts_per_tok,
                                                 jitter_TxD=router_jitter(self, cfg, h_TxD.shape), mask_T=mask_T)
         y_TxD = moe_per_device(h_TxD.astype(dtype), weights_TxK, experts_TxK, w_gate.astype(dtype),
-                               w_up.astype(dtype), w_down.astype(dtype), impl=cfg.moe_grouped_matmul)
+                               w_up.astype(dtype), w_down.astype(dtype), impl=cfg.impl.moe_grouped_matmul)
         return y_TxD.reshape(B, L, D), stats

@@ -126,8 +126,8 @@ class SoftmaxAttention(nn.Module):
             new_kv = kv_cache.write(k, v)
             o = decode_attention(q, new_kv.k, new_kv.v, slots_Bx1, new_kv.valid, scale=scale)
         else:  # training, or prefill of an empty cache
-            o = attention_per_device(q, k, v, segment_ids_BxL, scale=scale, impl=cfg.softmax_impl,
-                                     block_q=cfg.attention_block_q, block_kv=cfg.attention_block_kv)
+            o = attention_per_device(q, k, v, segment_ids_BxL, scale=scale, impl=cfg.impl.softmax_impl,
+                                     block_q=cfg.impl.attention_block_q, block_kv=cfg.impl.attention_block_kv)
             if kv_cache is not None:
                 valid = None if segment_ids_BxL is None else segment_ids_BxL != 0
                 new_kv = kv_cache.write(k, v, valid)

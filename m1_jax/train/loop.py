@@ -46,7 +46,7 @@ class Setup:
 
 
 def model_config_from(config) -> ModelConfig:
-    fields = dict(config.model)
+    fields = config.model.to_dict()  # nested: the impl section becomes a dict, which ModelConfig converts
     if "layer_types" in fields:
         fields["layer_types"] = tuple(fields["layer_types"])
     return ModelConfig(**fields)
