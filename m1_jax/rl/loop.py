@@ -175,6 +175,69 @@ def _mean(xs):
     return float(np.mean(xs)) if len(xs) else float("nan")
 
 
+def initial_tree(cfg: ModelConfig, tx, lc: LoopConfig, use_ref: bool, ckpt, run_meta, mesh, init_params,
+                 log_fn) -> tuple[dict[str, Any], int, int, int | None]:
+    """(tree, rl step, data cursor, resumed-from step): the latest checkpoint restored (placed on the mesh), or a
+    fresh state (and frozen reference params for a KL penalty) from init_params()."""
+    def fresh(params):
+        params = jax.tree.map(jnp.copy, params)  # the step donates the state; keep the caller's arrays alive
+        tree = {"state": TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                                    rng=jax.random.PRNGKey(lc.seed), bad_steps=jnp.zeros((), jnp.int32),
+                                    first_bad_step=jnp.full((), -1, jnp.int32))}
+        if use_ref:
+            tree["ref_params"] = jax.tree.map(jnp.copy, params)
+        return tree
+
+    tree_shardings = None
+    if mesh is not None:
+        state_shardings = state_lib.state_shardings(cfg, tx, mesh)
+        tree_shardings = {"state": state_shardings, **({"ref_params": state_shardings.params} if use_ref else {})}
+    latest = ckpt.latest_step()
+    if latest is None:
+        if mesh is None:
+            return fresh(init_params()), 0, 0, None
+        # jit outputs are new buffers, so donating the state never frees the caller's params.
+        params = jax.device_put(init_params(), tree_shardings["state"].params)
+        return jax.jit(fresh, out_shardings=tree_shardings)(params), 0, 0, None
+    abstract = jax.eval_shape(lambda: fresh(jax.tree.map(jnp.zeros_like, abstract_params(cfg))))
+    if mesh is not None:
+        abstract = sharding_lib.with_shardings(abstract, tree_shardings)
+    tree, meta = ckpt.restore(latest, abstract, expect=run_meta)
+    log_fn(f"resumed RL from step {latest} in {ckpt.directory}")
+    return tree, int(meta["rl_step"]), int(meta["cursor"]), latest
+
+
+def evaluate_policy(cfg: ModelConfig, rl: trainer_lib.RLConfig, lc: LoopConfig, tokenizer, params, eval_sets,
+                    rl_step: int, mesh) -> dict[str, float]:
+    """Greedy accuracy and, at the rollout temperature, avg@k (the quantity RL raises directly) per eval set."""
+    record = {}
+    for i, (prefix, examples) in enumerate(eval_sets.items()):
+        record[f"{prefix}_accuracy"] = rollout_lib.greedy_accuracy(cfg, params, tokenizer, examples,
+                                                                   max_new_tokens=rl.max_new_tokens, mesh=mesh)
+        if lc.eval_samples:
+            # Common random numbers: every run (algorithm, seed) draws its eval samples with the same keys at the
+            # same step, so differences between runs are less noisy.
+            key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(_EVAL_KEY + lc.data_seed), rl_step), i)
+            record[f"{prefix}_sampled_accuracy"] = rollout_lib.sampled_accuracy(
+                cfg, params, tokenizer, examples, samples=lc.eval_samples, max_new_tokens=rl.max_new_tokens,
+                temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k, rng=key, mesh=mesh)
+    return record
+
+
+def step_record(rollout, per_minibatch, lr: float, skipped: int, use_ref: bool) -> dict[str, float]:
+    """The logged metrics of one RL step from its rollout and the metrics of each minibatch update."""
+    first = per_minibatch[0]
+    record = {
+        "reward": float(np.mean(rollout.rewards)), "accuracy": float(np.mean(rollout.correct)),
+        "response_length": float(np.mean(rollout.lengths)), "finished_fraction": float(np.mean(rollout.finished)),
+        "prob_corr": float(first["prob_corr"]),  # sampler vs trainer, on-policy minibatch (M1 §3.2)
+        "first_clip_fraction": float(first["clip_fraction"]), "first_approx_kl": float(first["approx_kl"]),
+        "ratio_max": float(np.max([m["ratio_max"] for m in per_minibatch])), "lr": lr, "skipped_updates": skipped}
+    for key in ("clip_fraction", "approx_kl", "entropy", "policy_loss", "grad_norm") + (("kl_ref",) if use_ref else ()):
+        record[key] = _mean([m[key] for m in per_minibatch])
+    return record
+
+
 def run_rl(cfg: ModelConfig, rl: trainer_lib.RLConfig, ocfg: opt_lib.OptimizerConfig, lc: LoopConfig,
            workdir: str, tokenizer, *, init_params: Callable[[], Any], stop_at_step: int | None = None,
            mesh=None, log_fn: Callable[[str], None] = logging.info) -> dict[str, Any]:
@@ -198,40 +261,8 @@ def run_rl(cfg: ModelConfig, rl: trainer_lib.RLConfig, ocfg: opt_lib.OptimizerCo
     run_meta = {"model_config": json.loads(json.dumps(dataclasses.asdict(cfg))),
                 "rl_config": dataclasses.asdict(rl), "optimizer_config": dataclasses.asdict(ocfg),
                 "seed": lc.seed, "data_seed": lc.data_seed, "task": lc.task}
-
-    def fresh(params):
-        params = jax.tree.map(jnp.copy, params)  # the step donates the state; keep the caller's arrays alive
-        tree = {"state": TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                                    rng=jax.random.PRNGKey(lc.seed), bad_steps=jnp.zeros((), jnp.int32),
-                                    first_bad_step=jnp.full((), -1, jnp.int32))}
-        if use_ref:
-            tree["ref_params"] = jax.tree.map(jnp.copy, params)
-        return tree
-
-    tree_shardings = None
-    if mesh is not None:
-        state_shardings = state_lib.state_shardings(cfg, tx, mesh)
-        tree_shardings = {"state": state_shardings, **({"ref_params": state_shardings.params} if use_ref else {})}
-
-    def fresh_placed(params):
-        if mesh is None:
-            return fresh(params)
-        # jit outputs are new buffers, so donating the state never frees the caller's params.
-        params = jax.device_put(params, tree_shardings["state"].params)
-        return jax.jit(fresh, out_shardings=tree_shardings)(params)
-
-    latest = ckpt.latest_step()
-    if latest is None:
-        tree = fresh_placed(init_params())
-        rl_step, cursor, resumed_from = 0, 0, None
-    else:
-        abstract = jax.eval_shape(lambda: fresh(jax.tree.map(jnp.zeros_like, abstract_params(cfg))))
-        if mesh is not None:
-            abstract = sharding_lib.with_shardings(abstract, tree_shardings)
-        tree, meta = ckpt.restore(latest, abstract, expect=run_meta)
-        rl_step, cursor, resumed_from = int(meta["rl_step"]), int(meta["cursor"]), latest
-        log_fn(f"resumed RL from step {latest} in {ckpt.directory}")
-
+    tree, rl_step, cursor, resumed_from = initial_tree(cfg, tx, lc, use_ref, ckpt, run_meta, mesh, init_params,
+                                                       log_fn)
     sampler = Sampler(cfg, rl, lc, tokenizer, mesh)
     prompt_width = rl.max_prompt_len
     step_fn = cached_rl_step(cfg, rl, ocfg, prompt_width, mesh)
@@ -241,22 +272,8 @@ def run_rl(cfg: ModelConfig, rl: trainer_lib.RLConfig, ocfg: opt_lib.OptimizerCo
         eval_sets["heldout"] = eval_examples(lc, "eval")
     writer = metrics_lib.MetricsWriter(workdir, tensorboard=lc.tensorboard)
     history: list[dict[str, Any]] = []
-
-    def evaluate() -> dict[str, float]:
-        """Greedy accuracy and, at the rollout temperature, avg@k (the quantity RL raises directly)."""
-        params = tree["state"].params
-        record = {}
-        for i, (prefix, examples) in enumerate(eval_sets.items()):
-            record[f"{prefix}_accuracy"] = rollout_lib.greedy_accuracy(cfg, params, tokenizer, examples,
-                                                                       max_new_tokens=rl.max_new_tokens, mesh=mesh)
-            if lc.eval_samples:
-                # Common random numbers: every run (algorithm, seed) draws its eval samples with the same
-                # keys at the same step, so differences between runs are less noisy.
-                key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(_EVAL_KEY + lc.data_seed), rl_step), i)
-                record[f"{prefix}_sampled_accuracy"] = rollout_lib.sampled_accuracy(
-                    cfg, params, tokenizer, examples, samples=lc.eval_samples, max_new_tokens=rl.max_new_tokens,
-                    temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k, rng=key, mesh=mesh)
-        return record
+    evaluate = lambda: evaluate_policy(cfg, rl, lc, tokenizer, tree["state"].params, eval_sets, rl_step,  # noqa: E731
+                                       mesh)
 
     def save():
         ckpt.save(rl_step, tree, dict(run_meta, rl_step=rl_step, cursor=cursor), wait=False)
@@ -271,38 +288,21 @@ def run_rl(cfg: ModelConfig, rl: trainer_lib.RLConfig, ocfg: opt_lib.OptimizerCo
         while rl_step < lc.steps:
             t0 = time.perf_counter()
             state: TrainState = tree["state"]
-            rng = jax.random.fold_in(state.rng, rl_step)
-            r, cursor, sample_stats = sampler.sample(state.params, cursor, rng)
+            r, cursor, sample_stats = sampler.sample(state.params, cursor, jax.random.fold_in(state.rng, rl_step))
             t_sample = time.perf_counter() - t0
             ref_logp = None
             if use_ref:
                 seg, pos = rollout_lib.sequence_layout(r.prompt_lengths, r.prompt_width, r.tokens.shape[1])
                 ref_logp = np.asarray(ref_logp_fn(tree["ref_params"], r.tokens, seg, pos)) * r.response_mask
-            mbs = trainer_lib.minibatches(r, rl, ref_logp)
             per_mb = []
-            for mb in mbs:
+            for mb in trainer_lib.minibatches(r, rl, ref_logp):
                 state, m = step_fn(state, mb)
                 per_mb.append(m)
-            per_mb = jax.device_get(per_mb)
             tree["state"] = state
             rl_step += 1
-            bad = int(jax.device_get(state.bad_steps))
-            first = per_mb[0]
-            record = {
-                "reward": float(np.mean(r.rewards)), "accuracy": float(np.mean(r.correct)),
-                "response_length": float(np.mean(r.lengths)), "finished_fraction": float(np.mean(r.finished)),
-                "prob_corr": float(first["prob_corr"]),  # sampler vs trainer, on-policy minibatch (M1 §3.2)
-                "first_clip_fraction": float(first["clip_fraction"]), "first_approx_kl": float(first["approx_kl"]),
-                "clip_fraction": _mean([m["clip_fraction"] for m in per_mb]),
-                "approx_kl": _mean([m["approx_kl"] for m in per_mb]),
-                "ratio_max": float(np.max([m["ratio_max"] for m in per_mb])),
-                "entropy": _mean([m["entropy"] for m in per_mb]),
-                "policy_loss": _mean([m["policy_loss"] for m in per_mb]),
-                "grad_norm": _mean([m["grad_norm"] for m in per_mb]),
-                "lr": float(schedule(int(state.step) - 1)), "skipped_updates": bad,
-                "sample_time": t_sample, "step_time": time.perf_counter() - t0, **sample_stats}
-            if use_ref:
-                record["kl_ref"] = _mean([m["kl_ref"] for m in per_mb])
+            record = dict(step_record(r, jax.device_get(per_mb), float(schedule(int(state.step) - 1)),
+                                      int(jax.device_get(state.bad_steps)), use_ref),
+                          sample_time=t_sample, step_time=time.perf_counter() - t0, **sample_stats)
             if lc.eval_every and (rl_step % lc.eval_every == 0 or rl_step == lc.steps):
                 record.update(evaluate())
             writer.write(rl_step, record)

@@ -33,7 +33,7 @@ from m1_jax.rl.losses import AGGREGATIONS, POLICY_LOSSES, loss_denominators
 from m1_jax.rl.rollout import Rollout, sequence_layout
 from m1_jax.train import state as state_lib
 from m1_jax.train.state import TrainState
-from m1_jax.train.step import apply_if_finite, split_micro_strided
+from m1_jax.train.step import accumulate_micro_batches, apply_if_finite, split_micro_strided
 
 # The aggregation each paper uses (rl.md §1-2): M1 Eq. 4 per-group token mean, DAPO token mean over the
 # batch, GRPO per-sequence mean.
@@ -284,18 +284,19 @@ def make_grads_fn(cfg: ModelConfig, rl: RLConfig, prompt_width: int, *, mesh=Non
     def constrain_like_params(tree):
         return tree if param_shardings is None else jax.lax.with_sharding_constraint(tree, param_shardings)
 
+    def micro_grads(params, micro, i):
+        del i
+        grads, (sums, ratio_max) = grad_fn(params, constrain_rows(micro), num_micro)
+        return grads, ({k: sums[k] for k in _SUM_KEYS}, ratio_max)
+
+    def combine(acc, new):
+        return {k: acc[0][k] + new[0][k] for k in _SUM_KEYS}, jnp.maximum(acc[1], new[1])
+
     def grads_and_sums(params, minibatch):
         micros = {k: split(jnp.asarray(minibatch[k])) for k in MINIBATCH_KEYS}
-
-        def body(carry, micro):
-            g_acc, s_acc, rmax = carry
-            g, (sums, ratio_max) = grad_fn(params, constrain_rows(micro), num_micro)
-            return (constrain_like_params(jax.tree.map(jnp.add, g_acc, g)), {k: s_acc[k] + sums[k] for k in _SUM_KEYS},
-                    jnp.maximum(rmax, ratio_max)), None
-
-        zeros = constrain_like_params(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
-        init = (zeros, {k: jnp.zeros((), jnp.float32) for k in _SUM_KEYS}, jnp.full((), -jnp.inf, jnp.float32))
-        (grads, sums, ratio_max), _ = jax.lax.scan(body, init, micros)
+        aux0 = ({k: jnp.zeros((), jnp.float32) for k in _SUM_KEYS}, jnp.full((), -jnp.inf, jnp.float32))
+        grads, (sums, ratio_max) = accumulate_micro_batches(micro_grads, params, micros, num_micro, aux0, combine,
+                                                            constrain_like_params)
         return grads, sums, ratio_max
 
     return grads_and_sums

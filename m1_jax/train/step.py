@@ -44,6 +44,26 @@ def split_micro_strided(x_BxL, accum: int):
     return jnp.swapaxes(x, 0, 1)
 
 
+def accumulate_micro_batches(grad_fn, params, micros, num_micro: int, aux0, combine, constrain=lambda tree: tree):
+    """(gradients summed over micro-batches, aux folded with `combine` from aux0): grad_fn(params, micro, i) ->
+    (grads, aux) for each slice i of `micros` (arrays [num_micro, ...]). The float32 accumulators are pinned with
+    `constrain` (e.g. sharded like the params). One micro-batch runs no scan and no zero accumulators: a loop of
+    one costs a full extra pass over the gradients."""
+    if num_micro == 1:
+        grads, aux = grad_fn(params, jax.tree.map(lambda v: v[0], micros), jnp.zeros((), jnp.int32))
+        return constrain(grads), combine(aux0, aux)
+
+    def body(carry, xs):
+        grads_acc, aux_acc = carry
+        micro, i = xs
+        grads, aux = grad_fn(params, micro, i)
+        return (constrain(jax.tree.map(jnp.add, grads_acc, grads)), combine(aux_acc, aux)), None
+
+    zeros = constrain(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
+    (grads, aux), _ = jax.lax.scan(body, (zeros, aux0), (micros, jnp.arange(num_micro)))
+    return grads, aux
+
+
 def apply_if_finite(state: TrainState, optimizer: optax.GradientTransformation, grads, finite) -> TrainState:
     """One optimizer update; when `finite` is False none at all (params and moments untouched), counted in
     bad_steps. A cond, not a where: a where is one more pass over params, moments and updates."""
@@ -94,26 +114,16 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, s
         micros = {k: split_micro_strided(batch[k], accum) for k in BATCH_KEYS}
         step_rng = jax.random.fold_in(state.rng, state.step)
 
-        def body(carry, xs):
-            grads_acc, ce_acc, aux_acc, counts_acc = carry
-            micro, i = xs
+        def micro_grads(params, micro, i):
             if mesh is not None:
                 micro = {k: nn.with_logical_constraint(v, ("batch", "length")) for k, v in micro.items()}
-            grads, (ce_sum, aux_loss, counts) = grad_fn(state.params, micro, jax.random.fold_in(step_rng, i),
-                                                        total_tokens)
-            grads_acc = constrain_like_params(grads if grads_acc is None else jax.tree.map(jnp.add, grads_acc, grads))
-            return (grads_acc, ce_acc + ce_sum, aux_acc + aux_loss, counts_acc + counts), None
+            return grad_fn(params, micro, jax.random.fold_in(step_rng, i), total_tokens)
 
-        if accum == 1:
-            # No scan and no zero accumulators: a loop of one costs a full extra pass over the gradients.
-            micro = {k: v[0] for k, v in micros.items()}
-            (grads, ce_sum, aux_sum, counts), _ = body(
-                (None, 0.0, 0.0, 0.0), (micro, jnp.zeros((), jnp.int32)))
-        else:
-            zeros = constrain_like_params(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params))
-            counts0 = jnp.zeros((cfg.num_layers, cfg.num_experts), jnp.float32)
-            init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), counts0)
-            (grads, ce_sum, aux_sum, counts), _ = jax.lax.scan(body, init, (micros, jnp.arange(accum)))
+        aux0 = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+                jnp.zeros((cfg.num_layers, cfg.num_experts), jnp.float32))
+        grads, (ce_sum, aux_sum, counts) = accumulate_micro_batches(
+            micro_grads, state.params, micros, accum, aux0, lambda a, b: jax.tree.map(jnp.add, a, b),
+            constrain_like_params)
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
 
         ce_loss = ce_sum / total_tokens
