@@ -13,14 +13,13 @@ the same shape (from shapes, nothing allocated).
 
 from __future__ import annotations
 
-import statistics
-import time
 
 from absl import app, flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+import bench_harness
 from m1_jax.config import LIGHTNING, SOFTMAX, ModelConfig, get_config
 from m1_jax.generate import cache_bytes, decode_step_fn
 from m1_jax.model import init_cache, init_params
@@ -73,15 +72,13 @@ def make_decode_loop(cfg: ModelConfig):
 
 
 def time_per_token(run, params, cache, token, context, steps, repeats):
-    def once(n):
-        t = time.perf_counter()
-        jax.block_until_ready(run(params, cache, token, context, n))
-        return time.perf_counter() - t
+    """Seconds per decoded token: the median time of 2 + steps tokens minus that of 2 (launch and the loop's
+    fixed cost cancel), over `steps`."""
+    def median_s(n):
+        return bench_harness.median_ms(bench_harness.timed(lambda: run(params, cache, token, context, n),
+                                                           warmup=1, repeats=repeats)) / 1e3
 
-    once(2)  # compile
-    base = statistics.median(once(2) for _ in range(repeats))
-    full = statistics.median(once(2 + steps) for _ in range(repeats))
-    return max(full - base, 0.0) / steps
+    return max(median_s(2 + steps) - median_s(2), 0.0) / steps
 
 
 def _fmt_bytes(n: float) -> str:

@@ -6,15 +6,12 @@ two frameworks alternate at every length, so their ratio is measured side by sid
     python experiments/bench_forward.py --lengths=1024,2048,4096,8192,16384,32768
 """
 
-import json
 import os
 import resource
-import statistics
-import subprocess
-import sys
-import time
 
 from absl import app, flags
+
+import bench_harness
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "tiny", "m1_jax preset")
@@ -35,13 +32,7 @@ def _rss_mb():
 
 
 def _time(fn, repeats):
-    fn()  # warm-up (and compile)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return bench_harness.median_ms(bench_harness.timed(fn, warmup=1, repeats=repeats, sync=lambda x: x)) / 1e3
 
 
 def _worker_jax(cfg, tokens):
@@ -58,13 +49,8 @@ def _worker_jax(cfg, tokens):
 
 def _worker_torch(cfg, tokens):
     import torch
-    import transformers
-    from m1_jax import hf as hf_lib
 
-    config = transformers.MiniMaxConfig(**{k: v for k, v in hf_lib.config_to_hf(cfg).items()
-                                           if k not in ("architectures", "model_type")})
-    config._attn_implementation = FLAGS.torch_attn
-    model = transformers.MiniMaxForCausalLM(config).eval()
+    model = bench_harness.torch_minimax(cfg, "cpu", attn=FLAGS.torch_attn).eval()
     tokens = torch.as_tensor(tokens)
     base = _rss_mb()
 
@@ -87,16 +73,16 @@ def _worker():
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (FLAGS.batch, FLAGS.length))
     seconds, base = (_worker_jax if FLAGS.worker == "jax" else _worker_torch)(cfg, tokens)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"seconds": seconds, "peak_mb": peak, "delta_mb": peak - base}))
+    bench_harness.emit({"seconds": seconds, "peak_mb": peak, "delta_mb": peak - base})
 
 
 def _measure(kind, length):
-    cmd = [sys.executable, __file__, f"--worker={kind}", f"--length={length}", f"--config={FLAGS.config}",
-           f"--batch={FLAGS.batch}", f"--repeats={FLAGS.repeats}", f"--torch_attn={FLAGS.torch_attn}"]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
-    if out.returncode:
-        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    args = [f"--worker={kind}", f"--length={length}", f"--config={FLAGS.config}", f"--batch={FLAGS.batch}",
+            f"--repeats={FLAGS.repeats}", f"--torch_attn={FLAGS.torch_attn}"]
+    try:
+        return bench_harness.run(__file__, args, f"{kind} forward at {length} tokens")
+    except RuntimeError as e:  # e.g. out of memory at a long length: report it in the table and go on
+        return {"error": str(e).strip().splitlines()[-1]}
 
 
 def main(_):

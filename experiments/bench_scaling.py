@@ -10,7 +10,6 @@ peak_bytes_in_use is printed too. Growth exponents are least-squares slopes of l
 whose step exceeds --max_step_s stops growing (its longer lengths are left blank).
 """
 
-import time
 
 from absl import app, flags
 import jax
@@ -18,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import bench_harness
 from m1_jax.config import LIGHTNING, SOFTMAX, get_config
 from m1_jax.model import MiniMaxM1, init_params
 
@@ -62,14 +62,9 @@ def measure(cfg, seq_len: int, repeats: int):
     mem = compiled.memory_analysis()
     mem_bytes = None if mem is None else (mem.temp_size_in_bytes + mem.argument_size_in_bytes
                                           + mem.output_size_in_bytes)
-    jax.block_until_ready(compiled(params, tokens))  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(params, tokens))
-        times.append(time.perf_counter() - t0)
+    times = bench_harness.timed(lambda: compiled(params, tokens), warmup=1, repeats=repeats)
     stats = jax.devices()[0].memory_stats() or {}
-    return float(np.median(times)), mem_bytes, stats.get("peak_bytes_in_use")
+    return bench_harness.median_ms(times) / 1e3, mem_bytes, stats.get("peak_bytes_in_use")
 
 
 def growth_exponent(lengths, values) -> float:
