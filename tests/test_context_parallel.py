@@ -114,7 +114,8 @@ def test_pallas_softmax_impl_over_context_is_refused():
         jax.jit(lambda x: attention_per_device(x, x, x, scale=1.0, impl="pallas_gpu", interpret=True)).lower(x)
 
 
-@pytest.mark.parametrize("spec,moe_impl", [("data=2,context=4", "dropless"), ("context=8", "dropless"),
+@pytest.mark.parametrize("spec,moe_impl", [("data=2,context=4", "dropless"),
+                                           pytest.param("context=8", "dropless", marks=pytest.mark.slow),
                                            ("expert=2,context=4", "expert_parallel")])
 def test_model_loss_and_grads_equal_single_device(spec, moe_impl, monkeypatch):
     """The tiny model (lightning + softmax layers, MoE) with packed documents: loss and every gradient on a
