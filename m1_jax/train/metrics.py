@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 from absl import logging
+import jax
 import numpy as np
 
 from m1_jax.config import LIGHTNING, ModelConfig
@@ -61,13 +62,16 @@ def expert_load_stats(counts_LxE: np.ndarray) -> dict[str, Any]:
 
 
 class MetricsWriter:
-    """One JSON object per logged step in WORKDIR/metrics.jsonl, mirrored to TensorBoard scalars."""
+    """One JSON object per logged step in WORKDIR/metrics.jsonl, mirrored to TensorBoard scalars. On several
+    hosts only process 0 writes (every process computes the same metrics)."""
 
     def __init__(self, workdir: str, *, tensorboard: bool = True):
         os.makedirs(workdir, exist_ok=True)
         self.path = os.path.join(workdir, "metrics.jsonl")
+        self._file = self._tb = None
+        if jax.process_index() != 0:
+            return
         self._file = open(self.path, "a", encoding="utf-8")
-        self._tb = None
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
@@ -76,6 +80,8 @@ class MetricsWriter:
                 logging.warning("tensorboardX is not installed; writing metrics.jsonl only")
 
     def write(self, step: int, record: dict[str, Any]) -> None:
+        if self._file is None:
+            return
         record = {"step": int(step), **{k: _jsonable(v) for k, v in record.items()}}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
@@ -90,7 +96,8 @@ class MetricsWriter:
                         self._tb.add_scalar(f"{key}/layer_{i}", v, step)
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
 
