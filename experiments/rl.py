@@ -22,6 +22,10 @@ problems) the eval set is fresh draws of the training problems, and the 12 held-
 
 On several devices of one host:
   python experiments/rl.py --mesh=data=4 --workdir=/tmp/rl_mesh
+On several hosts: the same command on every host (--distributed=auto initialises jax.distributed as
+experiments/train.py does; the default mesh is then every device, data parallel) with an init checkpoint on
+storage every host sees; rollouts are sampled and updates computed sharded over all hosts, and the sampled
+arrays are gathered to every host (sharding.to_host).
 shards the train state like experiments/train.py (params and Adam moments by the logical-axis rules) and runs
 rollout sampling, eval, log-probs and the optimizer steps data-parallel over the mesh's batch axes; every
 minibatch and micro-batch (prompts_per_step / mu * group_size / micro_batches responses) must divide by the
@@ -40,6 +44,8 @@ config_flags.DEFINE_config_file("config", os.path.join(_HERE, "configs", "rl.py"
 flags.DEFINE_string("workdir", os.path.join(os.path.expanduser("~"), "m1_jax_runs", "rl"), "output/resume dir")
 flags.DEFINE_string("mesh", None, "device mesh of this host's devices, e.g. 'data=4' or '2x2' (data x expert), "
                     "as in experiments/train.py; default: one device")
+flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                  "jax.distributed.initialize(): auto = when launched on several hosts (as experiments/train.py)")
 flags.DEFINE_string("compilation_cache", os.path.join(os.path.expanduser("~"), ".cache", "m1_jax_xla"),
                     "persistent XLA compilation cache directory ('' turns it off)")
 
@@ -84,7 +90,13 @@ def main(argv):
     from m1_jax.rl.loop import check_mesh, format_eval, run_rl
     from m1_jax.train import checkpoint as ckpt_lib
 
+    from m1_jax.train import distributed
+    multi_host = distributed.maybe_initialize(FLAGS.distributed)  # before any backend use
     config = FLAGS.config
+    if multi_host and not config.init_checkpoint and not os.path.isdir(os.path.join(FLAGS.workdir, "warm_start")):
+        print("error: on several hosts pass --config.init_checkpoint (the SFT warm-up runs on one device of one "
+              "host); e.g. run the warm-up once on one host first", file=sys.stderr)
+        sys.exit(2)
     if FLAGS.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
@@ -101,7 +113,9 @@ def main(argv):
             cfg = cfg.replace(**overrides)
         else:
             cfg = get_config(config.model.preset, **overrides)
-        mesh = sharding_lib.make_mesh(FLAGS.mesh, jax.devices()[:1] if FLAGS.mesh is None else None,
+        # Default: one device on one host; every device of every host (data parallel) on several.
+        one_device = FLAGS.mesh is None and jax.process_count() == 1
+        mesh = sharding_lib.make_mesh(FLAGS.mesh, jax.devices()[:1] if one_device else None,
                                       num_experts=cfg.num_experts)
         check_mesh(cfg, rl, mesh)  # before the warm-up and any compile
     except ValueError as e:

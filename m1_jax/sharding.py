@@ -266,6 +266,17 @@ def host_share(sharding, global_shape, process_index: int | None = None) -> tupl
     return distinct.index(block[me]), len(distinct), slice(min(a for a, _ in length), max(b for _, b in length))
 
 
+def to_host(tree):
+    """numpy copies of a tree of jax arrays on every process: arrays that span other processes' devices (a
+    multi-host mesh) are all-gathered, the rest fetched."""
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+            from jax.experimental import multihost_utils
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+    return jax.tree.map(one, tree)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

@@ -293,7 +293,7 @@ def run_rl(cfg: ModelConfig, rl: trainer_lib.RLConfig, ocfg: opt_lib.OptimizerCo
             ref_logp = None
             if use_ref:
                 seg, pos = rollout_lib.sequence_layout(r.prompt_lengths, r.prompt_width, r.tokens.shape[1])
-                ref_logp = np.asarray(ref_logp_fn(tree["ref_params"], r.tokens, seg, pos)) * r.response_mask
+                ref_logp = sharding_lib.to_host(ref_logp_fn(tree["ref_params"], r.tokens, seg, pos)) * r.response_mask
             per_mb = []
             for mb in trainer_lib.minibatches(r, rl, ref_logp):
                 state, m = step_fn(state, mb)

@@ -17,6 +17,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
+from m1_jax import sharding as sharding_lib
 from m1_jax.config import ModelConfig
 from m1_jax.data import tasks as tasks_lib
 from m1_jax.generate import generate
@@ -147,7 +148,7 @@ def sample_rollout(cfg: ModelConfig, params, tokenizer, examples: Sequence[tasks
     rows = [p for p in prompts for _ in range(group_size)]
     out = generate(cfg, params, rows, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                    top_k=top_k, rng=rng, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, mesh=mesh)
-    out = jax.device_get(out)
+    out = sharding_lib.to_host(out)
     B, N = out.logprobs.shape
     P_batch = out.tokens.shape[1] - N
     # Re-pad the prompt block from this batch's width to the fixed prompt_width.
@@ -169,7 +170,7 @@ def _verified_fraction(cfg: ModelConfig, params, tokenizer, examples: Sequence[t
                        max_new_tokens: int, mesh=None, **sampling) -> float:
     """Fraction of completions of `examples` (one each, in order) that the verifier accepts."""
     prompts = [encode_prompt(tokenizer, e) for e in examples]
-    out = jax.device_get(generate(cfg, params, prompts, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
+    out = sharding_lib.to_host(generate(cfg, params, prompts, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
                                   pad_id=tokenizer.pad_id, mesh=mesh, **sampling))
     N = out.logprobs.shape[1]
     texts = completion_texts(tokenizer, np.asarray(out.tokens)[:, -N:], np.asarray(out.lengths),
