@@ -64,7 +64,6 @@ LOGICAL_RULES: tuple[tuple[str, tuple[str, ...] | None, tuple[str, ...] | None],
     ("layers",      None,                        None),
 )
 _PARAM_PRIORITY = ("experts", "expert_mlp", "heads", "kv_heads", "vocab", "embed")
-LOGICAL_RULES_ACTIVATIONS = tuple((logical, acts or ()) for logical, _, acts in LOGICAL_RULES)
 
 
 def parse_mesh_shape(spec: str | None, num_devices: int | None) -> dict[str, int]:
@@ -212,14 +211,15 @@ def batch_axes(mesh: Mesh) -> tuple[str, ...]:
 
 
 def context_axes(mesh) -> tuple[str, ...]:
-    """The mesh axes (of size > 1) that split activations' "length" dim: the context-parallel axes."""
-    return dict(logical_rules(mesh))["length"] or ()
+    """The mesh axes (of size > 1) that split activations' "length" dim: the context-parallel axes (none
+    without a mesh)."""
+    return () if mesh is None else dict(logical_rules(mesh))["length"] or ()
 
 
 def token_axes(mesh, expert_axis: str = "expert") -> tuple[str, ...]:
     """The mesh axes that split the batch x length tokens (the "tokens" rule: the batch axes, then context), with
     `expert_axis` among them even at size 1 (expert parallelism exchanges tokens over it)."""
-    rule = dict(LOGICAL_RULES_ACTIVATIONS)["tokens"]
+    rule = next(acts for logical, _, acts in LOGICAL_RULES if logical == "tokens")
     return tuple(a for a in rule + ((expert_axis,) if expert_axis not in rule else ())
                  if a in mesh.axis_names and (mesh.shape[a] > 1 or a == expert_axis))
 

@@ -27,8 +27,7 @@ def lightning_per_device(q_BxLxHxK, k_BxLxHxK, v_BxLxHxV, decay_H, state_BxHxKxV
 
     args = (q_BxLxHxK, k_BxLxHxK, v_BxLxHxV, decay_H, state_BxHxKxV, segment_ids_BxL)
     in_axes = (_QKV, _QKV, _QKV, ("heads",), _STATE, ("batch", "length"))
-    mesh = sharding.context_mesh()
-    context = () if mesh is None else sharding.context_axes(mesh)
+    context = sharding.context_axes(sharding.context_mesh())
     if not context:
         return sharding.shard_map_by_logical_axes(attend, in_axes, (_QKV, _STATE), what="lightning attention")(*args)
 

@@ -49,8 +49,7 @@ def attention_per_device(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL=None, 
 
     qh, kvh = ("batch", "length", "heads", "head_dim"), ("batch", "length", "kv_heads", "head_dim")
     in_axes = (qh, kvh, kvh, ("batch", "length"))
-    mesh = sharding.context_mesh()
-    context = () if mesh is None else sharding.context_axes(mesh)
+    context = sharding.context_axes(sharding.context_mesh())
     if not context:
         fn = sharding.shard_map_by_logical_axes(attend, in_axes, qh, what="softmax attention")
         return fn(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL)

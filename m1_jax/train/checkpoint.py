@@ -36,12 +36,12 @@ def load_params(directory: str, cfg=None, step: int | None = None):
         if step is None:
             raise ValueError(f"no checkpoint in {directory}; pass the --workdir of experiments/train.py (or its "
                              "checkpoints/ folder) or a warm-start folder written by experiments/rl.py")
+        meta = ckpt.meta(step)
         if cfg is None:
-            meta = ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
             if "model_config" not in meta:
                 raise ValueError(f"checkpoint {directory}/{step} names no model_config; pass the model config")
             cfg = ModelConfig(**meta["model_config"])
-        params, _ = ckpt.restore_params(step, abstract_params(cfg))
+        params, _ = ckpt.restore_params(step, abstract_params(cfg), meta=meta)
     finally:
         ckpt.close()
     return cfg, params
@@ -85,6 +85,10 @@ class Checkpointer:
         if wait:
             self.manager.wait_until_finished()
 
+    def meta(self, step: int) -> dict[str, Any]:
+        """The JSON metadata saved with `step`."""
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
     def restore(self, step: int, abstract_state, *, expect: dict[str, Any] | None = None):
         """(state, meta) of `step`. abstract_state: ShapeDtypeStructs (with shardings) of the state.
 
@@ -94,7 +98,7 @@ class Checkpointer:
         fix = (f"delete {os.path.join(self.directory, str(step))} to resume from the previous checkpoint, "
                "or pass a fresh --workdir")
         try:
-            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            meta = self.meta(step)
         except Exception as e:  # Orbax raises many types for missing/garbled files.
             raise CheckpointError(f"{where} is corrupt: its metadata could not be read ({type(e).__name__}: "
                                   f"{_short(e)}); {fix}") from e
@@ -120,11 +124,12 @@ class Checkpointer:
         logging.info("restored %s", where)
         return jax.tree_util.tree_unflatten(treedef, arrays), meta
 
-    def restore_params(self, step: int, abstract_params):
+    def restore_params(self, step: int, abstract_params, *, meta: dict[str, Any] | None = None):
         """(params, meta) of `step` with only the parameters taken: the `.params` leaves of a train state, or
-        the tree of a {"params": ...} save (`save_params`). abstract_params: the model's parameter shapes."""
+        the tree of a {"params": ...} save (`save_params`). abstract_params: the model's parameter shapes;
+        meta: the step's metadata when the caller has read it already."""
         where = f"checkpoint at step {step} in {self.directory}"
-        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        meta = self.meta(step) if meta is None else meta
         index = {}
         for i, path in enumerate(meta.get("leaf_paths", [])):
             for prefix in (".params", "['params']"):  # TrainState's field / save_params' dict key

@@ -122,10 +122,9 @@ def put_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
     if jax.process_count() == 1:
         return jax.device_put(batch, sharding)
     rows, seq_len = next(iter(batch.values())).shape
-    # The row blocks depend only on the mesh: probe with one row per batch shard.
-    _, count, _ = sharding_lib.host_share(sharding, (sharding_lib.batch_parallelism(sharding.mesh), seq_len))
+    # The row blocks and the length slice depend only on the mesh: probe with one row per batch shard.
+    _, count, length = sharding_lib.host_share(sharding, (sharding_lib.batch_parallelism(sharding.mesh), seq_len))
     global_shape = (rows * count, seq_len)
-    _, _, length = sharding_lib.host_share(sharding, global_shape)
     return {k: jax.make_array_from_process_local_data(sharding, v[:, length], global_shape) for k, v in batch.items()}
 
 
