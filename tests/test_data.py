@@ -166,6 +166,30 @@ def test_digit_tasks_match_a_python_count_and_max():
         assert tasks.verify(ex, ex.answer + "\n") and not tasks.verify(ex, str((int(ex.answer) + 1) % 10))
 
 
+def test_running_sum_against_parsed_prompt():
+    tok = tokenizer_lib.ByteTokenizer()
+    lengths = []
+    for ex in _examples(tasks.TASKS["running_sum"], 100):
+        body, = re.fullmatch(r"Sum mod 10: ((?:[a-p]\d ?){16})\n", ex.prompt).groups()
+        terms = body.split()
+        assert [t[0] for t in terms] == list("abcdefghijklmnop")
+        values = [int(t[1]) for t in terms]
+        assert ex.answer == str(sum(values) % 10)
+        lines = ex.solution.split("\n")[:-1]
+        assert len(lines) == 16
+        for k, line in enumerate(lines):  # every partial total, against numpy's cumulative sum
+            assert line == f"{terms[k][0]}: {values[k]}, total {np.cumsum(values)[k] % 10}"
+        lengths.append(len(tok.encode(ex.solution)))
+    assert min(lengths) >= 200  # "hundreds of tokens" of worked steps with the byte tokenizer
+    for ex in _examples(lambda r: tasks.running_sum(r, num_terms=5, modulus=7), 50):
+        values = [int(t[1]) for t in ex.prompt.split(": ", 1)[1].split()]
+        assert len(values) == 5 and max(values) < 7 and ex.answer == str(sum(values) % 7)
+    with pytest.raises(ValueError, match="num_terms"):
+        tasks.running_sum(np.random.default_rng(0), num_terms=27)
+    with pytest.raises(ValueError, match="modulus"):
+        tasks.running_sum(np.random.default_rng(0), modulus=11)
+
+
 def test_boolean_expressions_match_python_eval():
     for ex in _examples(lambda r: tasks.boolean_expressions(r, depth=3), 200):
         expr = ex.prompt[:-len(" is\n")]

@@ -46,6 +46,7 @@ def test_cispo_hand_case():
     np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
     np.testing.assert_allclose(grad, expected_grad, rtol=1e-5, atol=1e-7)
     assert metrics["clip_fraction"] == pytest.approx(3 / 5)  # 1.50, 0.70 and 0.50 are clamped
+    assert metrics["zeroed_fraction"] == 0.0 and np.all(grad[MASK > 0] != 0)  # clamped tokens keep a gradient
     assert metrics["ratio_mean"] == pytest.approx((1.10 + 1.50 + 0.70 + 0.50 + 1.05) / 5, rel=1e-5)
     assert metrics["approx_kl"] == pytest.approx(-np.log([1.1, 1.5, 0.7, 0.5, 1.05]).mean(), rel=1e-4)
 
@@ -78,6 +79,7 @@ def test_dapo_hand_case():
     np.testing.assert_allclose(loss, -objective.sum() / N_TOKENS, rtol=1e-5)
     np.testing.assert_allclose(grad, -dobj / N_TOKENS, rtol=1e-5, atol=1e-7)
     assert metrics["clip_fraction"] == pytest.approx(2 / 5)
+    assert metrics["zeroed_fraction"] == pytest.approx(np.mean(grad[MASK > 0] == 0))  # = 2 / 5, from the gradient
 
 
 def test_grpo_hand_case():
@@ -163,6 +165,7 @@ def test_eq7_token_mask_without_is_clip_equals_dapo_gradient():
                                        aggregation="token_mean_batch")
     np.testing.assert_allclose(grad_cispo, grad_dapo, rtol=1e-5, atol=1e-7)
     assert m["token_mask_fraction"] > 0 and m["clip_fraction"] == 0.0
+    assert m["zeroed_fraction"] == pytest.approx(np.mean(grad_dapo[np.asarray(mask) > 0] == 0))
     # Without the mask the gradients differ (the test can fail).
     _, grad_plain, _ = _value_and_grad(losses.cispo_loss, logp, old_logp, adv, mask, eps_high=None,
                                        aggregation="token_mean_batch")

@@ -34,8 +34,10 @@ flags.DEFINE_enum("metric", "sampled", ["sampled", "greedy"], "accuracy the targ
 flags.DEFINE_float("target", None, "absolute accuracy target (default: start accuracy + --target_gain)")
 flags.DEFINE_float("target_gain", 0.08, "target = accuracy of the warm start + this")
 flags.DEFINE_integer("max_new_tokens", 4, "response budget")
+flags.DEFINE_integer("max_prompt_len", 32, "prompt width in tokens (BOS included)")
 flags.DEFINE_float("warmup_target", 0.3, "SFT warm-up target (sampled accuracy)")
 flags.DEFINE_integer("warmup_max_steps", 1500, "SFT warm-up step limit")
+flags.DEFINE_integer("warmup_seq_len", 32, "SFT row length (prompt + worked solution)")
 flags.DEFINE_string("plot", None, "plot path (default WORKDIR/compare_rl.png)")
 
 COLORS = {"cispo": "tab:red", "dapo": "tab:blue", "grpo": "tab:green"}
@@ -53,7 +55,7 @@ def _fmt(x, digits=3):
 
 
 def run_all(cfg, warm, tok, split):
-    """Runs every (algo, seed); returns {(algo, seed): {step: record}} of the eval records."""
+    """Runs every (algo, seed); returns ({(algo, seed): {step: eval record}}, {(algo, seed): {step: step record}})."""
     from m1_jax.rl.loop import LoopConfig, run_rl
     from m1_jax.rl.trainer import RLConfig
     from m1_jax.train.metrics import read_metrics
@@ -61,13 +63,13 @@ def run_all(cfg, warm, tok, split):
 
     ocfg = OptimizerConfig(learning_rate=FLAGS.lr, schedule="constant", warmup_steps=0,
                            total_steps=FLAGS.steps * FLAGS.mu, weight_decay=0.0)
-    runs = {}
+    runs, steps_by_run = {}, {}
     for algo in FLAGS.algos:
         extra = {"eps_high": FLAGS.cispo_eps_high} if algo == "cispo" else {}
         if algo == "dapo":
             extra["dynamic_sampling"] = FLAGS.dapo_dynamic_sampling
         rl = RLConfig(algo=algo, group_size=FLAGS.group_size, prompts_per_step=FLAGS.prompts_per_step, mu=FLAGS.mu,
-                      max_new_tokens=FLAGS.max_new_tokens, **extra)
+                      max_new_tokens=FLAGS.max_new_tokens, max_prompt_len=FLAGS.max_prompt_len, **extra)
         for seed in range(FLAGS.seeds):
             lc = LoopConfig(task=FLAGS.task, steps=FLAGS.steps, seed=seed, eval_split=split, num_eval=FLAGS.num_eval,
                             eval_samples=FLAGS.eval_samples, eval_every=FLAGS.eval_every,
@@ -78,11 +80,12 @@ def run_all(cfg, warm, tok, split):
             recs = {r["step"]: r for r in read_metrics(wd)}
             runs[(algo, seed)] = {s: r for s, r in sorted(recs.items()) if any(k.endswith("_accuracy") and
                                                                                 k != "accuracy" for k in r)}
+            steps_by_run[(algo, seed)] = {s: r for s, r in sorted(recs.items()) if "clip_fraction" in r}
             key = f"{'eval' if split == 'train' else 'heldout'}_sampled_accuracy"
             print(f"{algo} seed {seed}: {key} " + " ".join(f"{s}:{r.get(key, float('nan')):.2f}"
                                                            for s, r in runs[(algo, seed)].items()) +
                   f"  ({time.time() - t0:.0f}s)", flush=True)
-    return runs
+    return runs, steps_by_run
 
 
 def curves(runs, algo, key):
@@ -92,25 +95,55 @@ def curves(runs, algo, key):
     return steps, np.array([[r[s][key] for s in steps] for r in per_seed])
 
 
-def plot(runs, prefix, path):
+def _band(ax, steps, per_seed, color, label, smooth=1):
+    """Mean over seeds with a +-1 std band (optionally a trailing moving average over `smooth` points)."""
+    if smooth > 1:
+        kernel = np.ones(smooth) / smooth
+        per_seed = np.stack([np.convolve(np.pad(r, (smooth - 1, 0), mode="edge"), kernel, "valid") for r in per_seed])
+    mean, std = per_seed.mean(0), per_seed.std(0)
+    ax.plot(steps, mean, color=color, label=label, lw=2)
+    ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2, lw=0)
+
+
+def plot(runs, steps_by_run, prefix, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
-    for ax, kind in zip(axes, ("sampled", "greedy")):
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharex=True)
+    for ax, kind in zip(axes[0], ("sampled", "greedy")):
         key = f"{prefix}_sampled_accuracy" if kind == "sampled" else f"{prefix}_accuracy"
         for algo in FLAGS.algos:
-            steps, accs = curves(runs, algo, key)
-            for run in accs:
-                ax.plot(steps, run, color=COLORS.get(algo), alpha=0.25)
-            ax.plot(steps, accs.mean(0), color=COLORS.get(algo), label=algo, lw=2)
-        ax.set_xlabel("RL step")
+            _band(ax, *curves(runs, algo, key), COLORS.get(algo), algo)
         label = f"avg@{FLAGS.eval_samples} at T=1" if kind == "sampled" else "greedy"
         ax.set_ylabel(f"{prefix} accuracy ({label}, {FLAGS.num_eval} problems)")
         ax.legend()
-    fig.suptitle(f"{FLAGS.task}: {FLAGS.seeds} seeds each, {FLAGS.prompts_per_step} prompts x G={FLAGS.group_size}, "
-                 f"mu={FLAGS.mu}, lr {FLAGS.lr:g}")
+    reward_ax, clip_ax = axes[1]
+    for algo in FLAGS.algos:
+        _band(reward_ax, *curves(steps_by_run, algo, "reward"), COLORS.get(algo), algo, smooth=5)
+        steps, clip = curves(steps_by_run, algo, "clip_fraction")
+        _, zeroed = curves(steps_by_run, algo, "zeroed_fraction")
+        clip_ax.plot(steps, clip.mean(0), color=COLORS.get(algo), lw=2, label=f"{algo}: clipped")
+        clip_ax.plot(steps, zeroed.mean(0), color=COLORS.get(algo), lw=1, ls="--", label=f"{algo}: gradient zeroed")
+    reward_ax.set_ylabel("rollout reward (train prompts, 5-step mean)")
+    clip_ax.set_ylabel("fraction of response tokens (mean of seeds)")
+    clip_ax.legend(fontsize=8)
+    for ax in axes[1]:
+        ax.set_xlabel("RL step")
+    fig.suptitle(f"{FLAGS.task}: {FLAGS.seeds} seeds each (band: +-1 std), {FLAGS.prompts_per_step} prompts x "
+                 f"G={FLAGS.group_size}, mu={FLAGS.mu}, lr {FLAGS.lr:g}, up to {FLAGS.max_new_tokens} new tokens")
     fig.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def diagnostics_table(steps_by_run):
+    """Per-step diagnostics, mean over every step of every seed."""
+    keys = ("clip_fraction", "zeroed_fraction", "ratio_max", "response_length", "entropy")
+    print("\n| algo | clipped tokens | gradient zeroed | largest IS ratio (max) | response length | entropy first -> last |")
+    print("|---|---|---|---|---|---|")
+    for algo in FLAGS.algos:
+        vals = {k: curves(steps_by_run, algo, k)[1] for k in keys}
+        print(f"| {algo} | {vals['clip_fraction'].mean():.4f} | {vals['zeroed_fraction'].mean():.4f} | "
+              f"{vals['ratio_max'].max():.2f} | {vals['response_length'].mean():.0f} | "
+              f"{vals['entropy'][:, 0].mean():.3f} -> {vals['entropy'][:, -1].mean():.3f} |")
 
 
 def table(runs, prefix):
@@ -170,15 +203,17 @@ def main(argv):
         else:
             wc = warmup_lib.WarmupConfig(task=FLAGS.task, max_steps=FLAGS.warmup_max_steps, target_accuracy=FLAGS.warmup_target,
                                          eval_every=25, max_new_tokens=FLAGS.max_new_tokens, eval_split=split,
+                                         seq_len=FLAGS.warmup_seq_len,
                                          eval_samples=FLAGS.eval_samples)
             warm, _ = warmup_lib.sft_warmup(cfg, tok, wc, log_fn=print)
             warmup_lib.save_params(warm_dir, cfg, warm)
-    runs = run_all(cfg, warm, tok, split)
+    runs, steps_by_run = run_all(cfg, warm, tok, split)
     prefix = "eval" if split == "train" else "heldout"
     path = FLAGS.plot or os.path.join(FLAGS.workdir, "compare_rl.png")
-    plot(runs, prefix, path)
+    plot(runs, steps_by_run, prefix, path)
     print(f"\nplot: {path}; wall time {time.time() - t_start:.0f}s\n")
     table(runs, prefix)
+    diagnostics_table(steps_by_run)
 
 
 if __name__ == "__main__":

@@ -121,6 +121,30 @@ def digit_max(rng: np.random.Generator, *, num_digits: int = 4) -> Example:
     return Example("digit_max", f"max {''.join(map(str, digits))}=", answer, answer)
 
 
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def running_sum(rng: np.random.Generator, *, num_terms: int = 16, modulus: int = 10) -> Example:
+    """A running sum mod m of lettered digits, one line per term: "b: 7, total 0" (RL at reasoning length).
+
+    With 16 terms the worked solution is ~230 tokens (byte vocabulary), graded on the final total only. Each
+    line looks a value up by its letter and adds it to the previous line's total, so one wrong total (a
+    low-probability "fork" token of a half-trained policy) carries through to a wrong answer.
+    """
+    if not 1 <= num_terms <= len(_LETTERS):
+        raise ValueError(f"num_terms must be in [1, {len(_LETTERS)}], got {num_terms}")
+    if not 2 <= modulus <= 10:
+        raise ValueError(f"modulus must be in [2, 10] (one digit per value), got {modulus}")
+    values = [int(v) for v in rng.integers(0, modulus, num_terms)]
+    steps, total = [], 0
+    for letter, value in zip(_LETTERS, values):
+        total = (total + value) % modulus
+        steps.append(f"{letter}: {value}, total {total}")
+    terms = " ".join(f"{letter}{value}" for letter, value in zip(_LETTERS, values))
+    answer = str(total)
+    return Example("running_sum", f"Sum mod {modulus}: {terms}\n", answer, _with_answer(steps, answer))
+
+
 # ------------------------------------------------------------------------------------------- logic
 
 
@@ -301,6 +325,7 @@ TASKS: dict[str, Callable[[np.random.Generator], Example]] = {
     "mod_sum": mod_sum,
     "digit_count": digit_count,
     "digit_max": digit_max,
+    "running_sum": running_sum,
     "boolean_expressions": boolean_expressions,
     "dyck_language": dyck_language,
     "object_counting": object_counting,

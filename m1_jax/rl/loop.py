@@ -233,7 +233,7 @@ def step_record(rollout, per_minibatch, lr: float, skipped: int, use_ref: bool) 
         "prob_corr": float(first["prob_corr"]),  # sampler vs trainer, on-policy minibatch (M1 §3.2)
         "first_clip_fraction": float(first["clip_fraction"]), "first_approx_kl": float(first["approx_kl"]),
         "ratio_max": float(np.max([m["ratio_max"] for m in per_minibatch])), "lr": lr, "skipped_updates": skipped}
-    for key in ("clip_fraction", "approx_kl", "entropy", "policy_loss", "grad_norm") + (("kl_ref",) if use_ref else ()):
+    for key in ("clip_fraction", "zeroed_fraction", "approx_kl", "entropy", "policy_loss", "grad_norm") + (("kl_ref",) if use_ref else ()):
         record[key] = _mean([m[key] for m in per_minibatch])
     return record
 

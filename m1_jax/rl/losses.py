@@ -155,12 +155,15 @@ def cispo_loss(logp, old_logp, advantages, mask, *, eps_high, eps_low=None, toke
     metrics = _ratio_metrics(log_ratio, ratio, mask)
     clipped = jnp.logical_or(ratio > upper, ratio < lower).astype(jnp.float32)
     metrics["clip_fraction"] = _masked_mean(clipped, mask)
+    # Capping the weight keeps every token's gradient; only the optional Eq. 7 mask zeroes some.
+    metrics["zeroed_fraction"] = jnp.zeros((), jnp.float32)
     if token_mask:
         m_eps_high = eps_high if mask_eps_high is None else mask_eps_high
         m_eps_low = eps_low if mask_eps_low is None else mask_eps_low
         dropped = _ppo_zero_grad_BxT(jax.lax.stop_gradient(ratio), adv_Bx1, m_eps_low, m_eps_high)
         per_token = jnp.where(dropped, 0.0, per_token)
         metrics["token_mask_fraction"] = _masked_mean(dropped.astype(jnp.float32), mask)
+        metrics["zeroed_fraction"] = metrics["token_mask_fraction"]
     loss = aggregate(per_token, mask, aggregation, group_ids, denominator)
     return loss, metrics
 
@@ -176,7 +179,8 @@ def _ppo_clip_per_token(logp, old_logp, advantages, mask, eps_low, eps_high):
     per_token = -jnp.minimum(ratio * adv_Bx1, clipped_ratio * adv_Bx1)
     metrics = _ratio_metrics(log_ratio, ratio, mask)
     zero_grad = _ppo_zero_grad_BxT(jax.lax.stop_gradient(ratio), adv_Bx1, eps_low, eps_high)
-    metrics["clip_fraction"] = _masked_mean(zero_grad.astype(jnp.float32), mask)
+    # For PPO-clip the clipped tokens are exactly those whose gradient the min zeroes.
+    metrics["clip_fraction"] = metrics["zeroed_fraction"] = _masked_mean(zero_grad.astype(jnp.float32), mask)
     return per_token, mask, metrics
 
 

@@ -240,7 +240,7 @@ def make_policy_loss(cfg: ModelConfig, rl: RLConfig, prompt_width: int):
         y = jax.lax.stop_gradient(jnp.exp(logp)) * mask
         ent = jax.lax.stop_gradient(token_entropy(logp_v))
         sums = {"loss": loss, "aux_loss": aux["moe_aux_loss"] / num_micro, "tokens": n,
-                "clip": m["clip_fraction"] * n, "approx_kl": m["approx_kl"] * n, "approx_kl_k3": m["approx_kl_k3"] * n,
+                "clip": m["clip_fraction"] * n, "zeroed": m["zeroed_fraction"] * n, "approx_kl": m["approx_kl"] * n, "approx_kl_k3": m["approx_kl_k3"] * n,
                 "ratio": m["ratio_mean"] * n, "entropy": jnp.sum(ent * mask), "sx": jnp.sum(x), "sy": jnp.sum(y),
                 "sxx": jnp.sum(x * x), "syy": jnp.sum(y * y), "sxy": jnp.sum(x * y),
                 "kl_ref": m.get("kl_ref", 0.0) * n, "token_mask": m.get("token_mask_fraction", 0.0) * n}
@@ -323,7 +323,7 @@ def make_rl_step(cfg: ModelConfig, rl: RLConfig, optimizer: optax.GradientTransf
         finite = jnp.isfinite(s["loss"]) & jnp.isfinite(grad_norm)
         new_state = apply_if_finite(state, optimizer, grads, finite)
         metrics = {"policy_loss": s["loss"], "aux_loss": s["aux_loss"], "grad_norm": grad_norm, "num_tokens": s["tokens"],
-                   "clip_fraction": s["clip"] / n, "approx_kl": s["approx_kl"] / n, "approx_kl_k3": s["approx_kl_k3"] / n,
+                   "clip_fraction": s["clip"] / n, "zeroed_fraction": s["zeroed"] / n, "approx_kl": s["approx_kl"] / n, "approx_kl_k3": s["approx_kl_k3"] / n,
                    "ratio_mean": s["ratio"] / n, "ratio_max": ratio_max, "entropy": s["entropy"] / n,
                    "prob_corr": pearson_from_sums(n, s["sx"], s["sy"], s["sxx"], s["syy"], s["sxy"]),
                    "kl_ref": s["kl_ref"] / n, "token_mask_fraction": s["token_mask"] / n, "finite": finite}
