@@ -215,7 +215,7 @@ def place_minibatch(minibatch: dict[str, np.ndarray], num_micro: int, mesh) -> d
 # ---------------------------------------------------------------------------------------------------------
 # The jitted step.
 
-_SUM_KEYS = ("loss", "aux_loss", "tokens", "clip", "approx_kl", "approx_kl_k3", "ratio", "entropy", "sx", "sy", "sxx",
+_SUM_KEYS = ("loss", "aux_loss", "tokens", "clip", "zeroed", "approx_kl", "approx_kl_k3", "ratio", "entropy", "sx", "sy", "sxx",
              "syy", "sxy", "kl_ref", "token_mask")
 
 
