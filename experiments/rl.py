@@ -69,7 +69,8 @@ def build_configs(config):
     w = config.warmup
     wc = WarmupConfig(task=lc.task, seed=lc.data_seed, max_steps=w.max_steps, learning_rate=w.learning_rate,
                       target_accuracy=w.target_accuracy, target_metric=w.target_metric, eval_every=w.eval_every,
-                      max_new_tokens=rl.max_new_tokens, num_eval=lc.num_eval, eval_split=lc.eval_split,
+                      max_new_tokens=rl.max_new_tokens, seq_len=rl.max_prompt_len + rl.max_new_tokens,
+                      num_eval=lc.num_eval, eval_split=lc.eval_split,
                       eval_samples=max(lc.eval_samples, 1), temperature=rl.temperature)
     rl.validate()
     ocfg.validate()

@@ -24,6 +24,7 @@ from m1_jax.rl import loop as loop_lib
 from m1_jax.rl import rollout as rollout_lib
 from m1_jax.rl import trainer as trainer_lib
 from m1_jax.rl.losses import POLICY_LOSSES
+from m1_jax.rl import warmup as warmup_lib
 from m1_jax.rl.warmup import WarmupConfig, sft_warmup
 from m1_jax.train import optimizer as opt_lib
 from m1_jax.train.metrics import read_metrics
@@ -320,6 +321,14 @@ def test_rl_py_config_holds_every_field_once():
     c.rl.eps_high, c.rl.algo = 3.0, "dapo"  # a placeholder takes a float
     assert rl_py.build_configs(c)[0].loss_kwargs()["eps_high"] == 3.0
     assert rl_py.build_configs(rl_config.get_config("mod_sum"))[2].eval_split == "train"  # auto: 100 problems
+    # The long-trace task's sizes hold its problems: prompt within the prompt width, solution + EOS within the
+    # response budget, and the SFT row within seq_len.
+    rl, _, _, wc = rl_py.build_configs(rl_config.get_config("running_sum"))
+    tok = load_tokenizer("byte")
+    for ex in sources.train_examples(50, seed=3, task_weights={"running_sum": 1.0}):
+        assert 1 + len(tok.encode(ex.prompt)) <= rl.max_prompt_len
+        assert 200 <= len(tok.encode(ex.solution)) + 1 <= rl.max_new_tokens
+        warmup_lib.sft_batch(tok, [ex], wc.seq_len)  # raises if the row does not fit
     c = rl_config.get_config()
     c.rl.prompts_per_step = 30  # not divisible by mu = 4
     with pytest.raises(ValueError, match="divisible by mu"):

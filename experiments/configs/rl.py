@@ -50,4 +50,9 @@ def get_config(task: str = "digit_max") -> ml_collections.ConfigDict:
     c.warmup.target_metric = "sampled"  # "sampled" avg@k at rl.temperature (the reward RL sees) or "greedy"
     c.warmup.learning_rate = 3e-3
     c.warmup.eval_every = 25
+    if task == "running_sum":  # ~230-token worked traces: room for them, and a longer SFT
+        c.rl.max_new_tokens = 256
+        c.rl.max_prompt_len = 64
+        c.warmup.max_steps = 3000
+        c.warmup.eval_every = 200
     return c

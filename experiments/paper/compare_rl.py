@@ -37,7 +37,6 @@ flags.DEFINE_integer("max_new_tokens", 4, "response budget")
 flags.DEFINE_integer("max_prompt_len", 32, "prompt width in tokens (BOS included)")
 flags.DEFINE_float("warmup_target", 0.3, "SFT warm-up target (sampled accuracy)")
 flags.DEFINE_integer("warmup_max_steps", 1500, "SFT warm-up step limit")
-flags.DEFINE_integer("warmup_seq_len", 32, "SFT row length (prompt + worked solution)")
 flags.DEFINE_string("plot", None, "plot path (default WORKDIR/compare_rl.png)")
 
 COLORS = {"cispo": "tab:red", "dapo": "tab:blue", "grpo": "tab:green"}
@@ -203,7 +202,7 @@ def main(argv):
         else:
             wc = warmup_lib.WarmupConfig(task=FLAGS.task, max_steps=FLAGS.warmup_max_steps, target_accuracy=FLAGS.warmup_target,
                                          eval_every=25, max_new_tokens=FLAGS.max_new_tokens, eval_split=split,
-                                         seq_len=FLAGS.warmup_seq_len,
+                                         seq_len=FLAGS.max_prompt_len + FLAGS.max_new_tokens,
                                          eval_samples=FLAGS.eval_samples)
             warm, _ = warmup_lib.sft_warmup(cfg, tok, wc, log_fn=print)
             warmup_lib.save_params(warm_dir, cfg, warm)
