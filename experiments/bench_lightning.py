@@ -2,6 +2,11 @@ r"""Benchmark lightning attention impls (and softmax attention) at M1's head sha
 
   python experiments/bench_lightning.py --B=1 --H=64 --N=1024,4096,16384,65536,131072 --dtype=bfloat16
   python experiments/bench_lightning.py --H=4 --N=1024,2048,4096,8192 --impls=chunked,softmax   # CPU smoke run
+  python experiments/bench_lightning.py --N=4096,16384,32768,65536 --impls=pallas_gpu,pallas_gpu_parallel,fla,softmax
+
+impl "fla" times flash-linear-attention's chunk_simple_gla (the same fixed per-head decay: g_gamma = -lambda,
+scale 1) in a torch subprocess (before jax takes the GPU), when torch sees a GPU and fla imports; otherwise its
+row says why not. Name it explicitly: "auto" lists only the JAX impls.
 
 Per (impl, N): forward and forward+backward wall time (warm-up, then the median of --repeats), achieved TFLOP/s
 and GB/s, and (in brackets) their share of the device's ceilings (bench_harness.DEVICE_PEAKS; none shown where the device is unknown).
@@ -37,6 +42,7 @@ flags.DEFINE_integer("block_size", 256, "lightning chunk size (pallas_gpu uses a
 flags.DEFINE_integer("warmup", 2, "untimed calls after compilation")
 flags.DEFINE_integer("repeats", 5, "timed calls; the median is reported")
 flags.DEFINE_integer("max_reference_n", 8192, "skip the quadratic reference above this N")
+flags.DEFINE_bool("fla_worker", False, "internal: time fla's chunk_simple_gla in this (torch) process")
 
 def available_impls(requested):
     backend = jax.default_backend()
@@ -46,14 +52,55 @@ def available_impls(requested):
     if backend == "tpu":
         impls.append("pallas_tpu")
     elif backend == "gpu":
-        impls.append("pallas_gpu")
+        impls += ["pallas_gpu", "pallas_gpu_parallel"]
     return impls + ["softmax"]
 
 
 def effective_chunk(impl, block_size):
-    if impl == "pallas_gpu":
+    if impl in ("pallas_gpu", "pallas_gpu_parallel", "fla"):  # 64-token chunks (the parallel kernel's sub-chunk)
         return min(block_size, 64)
     return block_size
+
+
+def fla_worker():
+    """Emits {N: [fwd seconds, fwd+bwd seconds]} of fla's chunk_simple_gla on torch's GPU."""
+    import torch
+    from fla.ops.simple_gla import chunk_simple_gla
+    B, H, D = FLAGS.B, FLAGS.H, FLAGS.D
+    dtype = getattr(torch, FLAGS.dtype)
+    g_gamma = -torch.tensor(decays(H), device="cuda", dtype=torch.float32)
+    out = {}
+    for n in (int(x) for x in FLAGS.N):
+        q, k, v, do = (torch.randn(B, n, H, D, device="cuda", dtype=dtype) / D ** 0.5 for _ in range(4))
+        q, k, v = (x.requires_grad_() for x in (q, k, v))
+
+        def fwd():
+            with torch.no_grad():
+                return chunk_simple_gla(q, k, v, g_gamma=g_gamma, scale=1.0)[0]
+
+        def fwd_bwd():
+            o = chunk_simple_gla(q, k, v, g_gamma=g_gamma, scale=1.0)[0]
+            return torch.autograd.grad(o, (q, k, v), do)
+
+        sync = lambda _: torch.cuda.synchronize()  # noqa: E731
+        out[n] = [bench_harness.median_ms(bench_harness.timed(f, FLAGS.warmup + 1, FLAGS.repeats, sync)) / 1e3
+                  for f in (fwd, fwd_bwd)]
+    bench_harness.emit(out)
+
+
+def fla_times():
+    """{N: (t_fwd, t_fwd_bwd)} from the fla worker, or the reason it cannot run."""
+    args = [f"--{name}={FLAGS[name].value}" for name in ("B", "H", "D", "dtype", "warmup", "repeats")]
+    try:
+        times = bench_harness.run(__file__, args + ["--N=" + ",".join(FLAGS.N), "--fla_worker"], "fla worker")
+    except RuntimeError as e:
+        return str(e).strip().splitlines()[-1][:120]
+    return {int(n): t for n, t in times.items()}
+
+
+def decays(H):
+    # M1's decays for layer 0: lambda_h = 2^(-(h+1)/8) * (1 + 1e-5); their exact values do not affect speed.
+    return (2.0 ** (-(np.arange(H) + 1) / 8.0) * (1 + 1e-5)).astype(np.float32)
 
 
 def make_fn(impl, block_size):
@@ -80,18 +127,35 @@ def fmt_rate(value, peak):
     return f"{value:.3g}" if peak is None else f"{value:.3g} ({100 * value / peak:.1f}%)"
 
 
+def row(impl, n, t_fwd, t_fb, fwd_flops, fwd_bytes, fb_flops, fb_bytes, flop_peak, bw_peak):
+    return (f"| {impl} | {n} | {1e3 * t_fwd:.3f} | {fmt_rate(fwd_flops / t_fwd / 1e12, flop_peak)} | "
+            f"{fmt_rate(fwd_bytes / t_fwd / 1e9, bw_peak)} | {1e3 * t_fb:.3f} | "
+            f"{fmt_rate(fb_flops / t_fb / 1e12, flop_peak)} | {fmt_rate(fb_bytes / t_fb / 1e9, bw_peak)} |")
+
+
 def main(argv):
     del argv
+    if FLAGS.fla_worker:
+        return fla_worker()
+    # fla first: its torch worker needs the GPU memory this process's jax client takes once it starts.
+    fla = fla_times() if "fla" in FLAGS.impls else None
     dtype = jnp.dtype(FLAGS.dtype)
     kind, peaks = bench_harness.jax_device()
     flop_peak, bw_peak = (peaks[0], 1e3 * peaks[1]) if peaks else (None, None)  # TFLOP/s, GB/s
     B, H, D = FLAGS.B, FLAGS.H, FLAGS.D
     rng = np.random.default_rng(0)
-    # M1's decays for layer 0: lambda_h = 2^(-(h+1)/8) * (1 + 1e-5); their exact values do not affect speed.
-    decay = jnp.asarray(2.0 ** (-(np.arange(H) + 1) / 8.0) * (1 + 1e-5), jnp.float32)
+    decay = jnp.asarray(decays(H))
     rows = []
     for impl in available_impls(FLAGS.impls):
         for n in (int(x) for x in FLAGS.N):
+            (fwd_flops, fwd_bytes), (fb_flops, fb_bytes) = work(impl, B, n, H, D, dtype.itemsize, FLAGS.block_size)
+            if impl == "fla":
+                if isinstance(fla, str):
+                    rows.append(f"| fla | {n} | not run: {fla} | | | | | |")
+                    continue
+                t_fwd, t_fb = fla[n]
+                rows.append(row(impl, n, t_fwd, t_fb, fwd_flops, fwd_bytes, fb_flops, fb_bytes, flop_peak, bw_peak))
+                continue
             if impl == "reference" and n > FLAGS.max_reference_n:
                 continue
             q, k, v, do = (jnp.asarray(rng.normal(size=(B, n, H, D)) / np.sqrt(D), dtype) for _ in range(4))
@@ -103,7 +167,6 @@ def main(argv):
                 o, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, decay), q, k, v)
                 return o, vjp(do)
 
-            (fwd_flops, fwd_bytes), (fb_flops, fb_bytes) = work(impl, B, n, H, D, dtype.itemsize, FLAGS.block_size)
             try:
                 t_fwd = time_call(fwd, (q, k, v, decay), FLAGS.warmup, FLAGS.repeats)
                 t_fb = time_call(fwd_bwd, (q, k, v, decay, do), FLAGS.warmup, FLAGS.repeats)
@@ -111,10 +174,7 @@ def main(argv):
                 logging.warning("%s at N=%d failed: %s", impl, n, str(e).splitlines()[0][:200])
                 rows.append(f"| {impl} | {n} | failed | | | | | |")
                 continue
-            rows.append(
-                f"| {impl} | {n} | {1e3 * t_fwd:.3f} | {fmt_rate(fwd_flops / t_fwd / 1e12, flop_peak)} | "
-                f"{fmt_rate(fwd_bytes / t_fwd / 1e9, bw_peak)} | {1e3 * t_fb:.3f} | "
-                f"{fmt_rate(fb_flops / t_fb / 1e12, flop_peak)} | {fmt_rate(fb_bytes / t_fb / 1e9, bw_peak)} |")
+            rows.append(row(impl, n, t_fwd, t_fb, fwd_flops, fwd_bytes, fb_flops, fb_bytes, flop_peak, bw_peak))
     print(f"\ndevice: {kind} (backend {jax.default_backend()}, jax {jax.__version__}); B={B} H={H} D={D} "
           f"dtype={FLAGS.dtype} block_size={FLAGS.block_size}; ceilings: "
           f"{f'{flop_peak:g} TFLOP/s, {bw_peak:g} GB/s' if peaks else 'unknown'}\n")

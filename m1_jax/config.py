@@ -30,6 +30,7 @@ MOE_BACKENDS = ("capacity", "ragged")
 GROUPED_MATMUL_IMPLS = ("auto", "pallas_gpu", "pallas_tpu", "bucketed", "blas", "ragged_dot", "reference")
 MATMUL_PRECISIONS = ("auto", "default", "high", "highest")
 SOFTMAX_IMPLS = ("auto", "pallas_gpu", "pallas_tpu", "blockwise", "reference")  # pallas_kernels.softmax_attention
+LIGHTNING_IMPLS = ("auto", "reference", "chunked", "pallas_tpu", "pallas_gpu", "pallas_gpu_parallel")  # .lightning_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +64,7 @@ class ImplConfig:
     attention_block_q: int = 512
     attention_block_kv: int = 512
     # Lightning-attention implementation: "auto" (Pallas kernel on the TPU/CUDA platform compiled for, chunked JAX
-    # elsewhere), "chunked", "pallas_gpu", "pallas_tpu". Under a mesh the model runs it per device (shard_map).
+    # elsewhere), "chunked", "pallas_gpu", "pallas_gpu_parallel", "pallas_tpu". Under a mesh the model runs it per device (shard_map).
     lightning_impl: str = "auto"
     # Softmax-attention implementation (pallas_kernels.softmax_attention): "auto" = splash on TPU, Triton flash on
     # CUDA, the blockwise pure-JAX path elsewhere; under a mesh it runs per device (shard_map), like lightning.
@@ -82,8 +83,8 @@ class ImplConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or value <= 0:
                 bad(f"{name} must be a positive integer, got {value!r}")
-        if self.lightning_impl not in ("auto", "chunked", "reference", "pallas_gpu", "pallas_tpu"):
-            bad(f"lightning_impl must be auto|chunked|reference|pallas_gpu|pallas_tpu, got {self.lightning_impl!r}")
+        if self.lightning_impl not in LIGHTNING_IMPLS:
+            bad(f"lightning_impl must be one of {LIGHTNING_IMPLS}, got {self.lightning_impl!r}")
         if self.softmax_impl not in SOFTMAX_IMPLS:
             bad(f"softmax_impl must be one of {SOFTMAX_IMPLS}, got {self.softmax_impl!r}")
         if self.remat_policy not in ("none", "full", "dots"):

@@ -17,6 +17,7 @@ pytestmark = pytest.mark.skipif(jax.default_backend() not in ("gpu", "tpu"),
                                 reason="compiled Pallas kernels need a GPU or TPU (experiments/gpu_check.sh)")
 
 KERNEL = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(jax.default_backend())
+LIGHTNING_KERNELS = {"gpu": ["pallas_gpu", "pallas_gpu_parallel"], "tpu": ["pallas_tpu"]}.get(jax.default_backend(), [])
 
 
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-4), (jnp.bfloat16, 2e-2)])
@@ -29,7 +30,8 @@ def test_grouped_matmul_kernel_compiled(dtype, tol, sizes, K, N):
 
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
 @pytest.mark.parametrize("N", [64, 1000, 4096])
-def test_lightning_kernel_compiled(dtype, tol, N):
+@pytest.mark.parametrize("impl", LIGHTNING_KERNELS)
+def test_lightning_kernel_compiled(impl, dtype, tol, N):
     rng = np.random.default_rng(N)
     B, H, D = 2, 4, 128
     q, k, v, do = (jnp.asarray(rng.standard_normal((B, N, H, D)) / np.sqrt(D), dtype) for _ in range(4))
@@ -41,7 +43,8 @@ def test_lightning_kernel_compiled(dtype, tol, N):
         return (o, sf) + vjp((do.astype(o.dtype), jnp.ones_like(sf)))
 
     got = jax.jit(lambda: run(lambda q, k, v, s: lightning_attention(
-        q, k, v, decay, impl=KERNEL, initial_state=s, return_final_state=True, block_size=64)))()
+        q, k, v, decay, impl=impl, initial_state=s, return_final_state=True,
+        block_size=64 if impl == "pallas_gpu" else 256)))()
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
     with jax.default_matmul_precision("highest"):  # the reference in true float32 (not TF32) on GPU
         want = jax.jit(lambda: run(lambda q, k, v, s: reference.lightning_attention_reference(

@@ -38,7 +38,7 @@ def _lightning_loss(attend, q, k, v, s0, do, dsf):
     return jnp.sum(o * do) + jnp.sum(sf * dsf)
 
 
-@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
+@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu", "pallas_gpu_parallel"])
 def test_lightning_kernel_per_device(impl):
     mesh = sharding.make_mesh("data=4,tensor=2")
     q, k, v, s0, do, dsf = _lightning_inputs(1)

@@ -12,11 +12,12 @@ from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.lightning_attention import api
+from pallas_kernels.lightning_attention import gpu_parallel
 from pallas_kernels.lightning_attention import lightning_attention
 from pallas_kernels.lightning_attention import reference
 from pallas_kernels.lightning_attention import tpu
 
-KERNELS = ["pallas_tpu", "pallas_gpu"]
+KERNELS = ["pallas_tpu", "pallas_gpu", "pallas_gpu_parallel"]
 
 
 def make_inputs(seed, B, N, H, K, V, dtype=jnp.float32):
@@ -140,10 +141,37 @@ def test_tpu_kernel_lowers_for_tpu(shape, monkeypatch):
     assert text.count("tpu_custom_call") == 4  # forward + dq + two reverse sweeps
 
 
-def test_gpu_kernel_lowers_for_cuda(monkeypatch):
+@pytest.mark.parametrize("impl,block_size,kernels", [
+    ("pallas_gpu", 64, 4),            # forward + dq + two reverse sweeps
+    ("pallas_gpu_parallel", 256, 7),  # forward states + outputs; backward 2 state passes + 3 output passes
+])
+def test_gpu_kernel_lowers_for_cuda(impl, block_size, kernels, monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    text = _lower_fwd_bwd("pallas_gpu", "cuda", jnp.bfloat16, 1, 1000, 2, 128, 64)
-    assert text.count("__gpu$xla.gpu.triton") == 4
+    text = _lower_fwd_bwd(impl, "cuda", jnp.bfloat16, 1, 1000, 2, 128, block_size)
+    assert text.count("__gpu$xla.gpu.triton") == kernels
+
+
+def test_parallel_gpu_kernel_blocks_and_sub_chunks():
+    """Blocks of several sub-chunks, trailing all-padding sub-chunks, and segment resets inside and on the edge
+    of a block: every block's output pass starts from the state the states pass stored for it."""
+    B, N, H, K, V = 1, 150, 2, 16, 32
+    q, k, v, s0, do, dsf = make_inputs(29, B, N, H, K, V)
+    decay = jnp.asarray([0.02, 0.4], jnp.float32)
+    ids = np.ones((B, N), np.int32)
+    for cut in (5, 64, 65, 100, 128):  # 64 and 128 are block edges (block 64 = 4 sub-chunks of 16)
+        ids[:, cut:] += 1
+    seg = jnp.asarray(ids)
+
+    def run(fn):
+        (o, sf), vjp = jax.vjp(lambda q, k, v, s0: fn(q, k, v, decay, s0, seg), q, k, v, s0)
+        return (o, sf) + vjp((do, dsf))
+
+    want = run(reference.lightning_attention_reference)
+    for block in (64, 256):
+        got = run(functools.partial(gpu_parallel.lightning_attention_gpu_parallel, block_size=block, chunk=16,
+                                    interpret=True))
+        for name, g, w in zip(("o", "state", "dq", "dk", "dv", "ds0"), got, want):
+            assert rel_err(g, w) <= 1e-5, (block, name, rel_err(g, w))
 
 
 @pytest.mark.parametrize("impl", KERNELS)
@@ -180,14 +208,20 @@ def test_dispatch_and_errors():
     q, k, v, s0, _, _ = make_inputs(13, 1, 24, 2, 8, 8)
     decay = jnp.asarray([0.1, 0.2], jnp.float32)
     assert jax.default_backend() == "cpu" and api.resolve_impl("auto") == "chunked"
-    with pytest.raises(ValueError, match="needs a gpu backend"):
-        lightning_attention(q, k, v, decay, impl="pallas_gpu")
+    for impl in ("pallas_gpu", "pallas_gpu_parallel"):
+        with pytest.raises(ValueError, match="needs a gpu backend"):
+            lightning_attention(q, k, v, decay, impl=impl)
     with pytest.raises(ValueError, match="needs a tpu backend"):
         lightning_attention(q, k, v, decay, impl="pallas_tpu")
     with pytest.raises(ValueError, match="decay must be >= 0"):
         lightning_attention(q, k, v, -decay, impl="pallas_gpu", interpret=True)
     with pytest.raises(ValueError, match="share a dtype"):
         lightning_attention(q, k.astype(jnp.bfloat16), v, decay, impl="pallas_tpu", interpret=True)
+
+
+def test_impl_lists_agree():
+    from m1_jax.config import LIGHTNING_IMPLS
+    assert LIGHTNING_IMPLS == api.IMPLS
 
 
 def test_resolve_impl_by_platform(monkeypatch):

@@ -4,7 +4,13 @@ Implementations (impl=...):
   "reference"   quadratic masked-decay definition, float32 math; O(N^2) memory, for tests.
   "chunked"     blockwise pure JAX (`lax.scan` over blocks); O(N) memory, differentiable; runs everywhere.
   "pallas_tpu"  Pallas Mosaic TPU kernel (tpu.py), custom VJP. On CPU only with interpret=True.
-  "pallas_gpu"  Pallas Triton GPU kernel (gpu.py), custom VJP. On CPU only with interpret=True.
+  "pallas_gpu"  Pallas Triton GPU kernel (gpu.py), custom VJP: one program per (batch*head, value tile) walks
+                the sequence with the state in registers. On CPU only with interpret=True.
+  "pallas_gpu_parallel"
+                chunk-parallel Pallas Triton kernels (gpu_parallel.py): a state-only pass stores the state at
+                each block start, then every block's outputs run in parallel; the backward shares two state
+                passes among dq, dk, dv. On CPU only with interpret=True. "auto" keeps "pallas_gpu" until
+                bench_lightning has timed both on a GPU (see WORKSPACE.md).
   "auto"        by the platform the program is compiled for (`lax.platform_dependent`, so an ahead-of-time
                 lowering for TPU or CUDA from a CPU host picks that platform's kernel): pallas_tpu on TPU,
                 pallas_gpu on CUDA, chunked elsewhere.
@@ -25,11 +31,12 @@ import numpy as np
 
 from pallas_kernels.lightning_attention import chunked as chunked_lib
 from pallas_kernels.lightning_attention import gpu
+from pallas_kernels.lightning_attention import gpu_parallel
 from pallas_kernels.lightning_attention import reference as reference_lib
 from pallas_kernels.lightning_attention import tpu
 
-IMPLS = ("auto", "reference", "chunked", "pallas_tpu", "pallas_gpu")
-_PALLAS_BACKEND = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}
+IMPLS = ("auto", "reference", "chunked", "pallas_tpu", "pallas_gpu", "pallas_gpu_parallel")
+_PALLAS_BACKEND = {"pallas_tpu": "tpu", "pallas_gpu": "gpu", "pallas_gpu_parallel": "gpu"}
 
 
 def resolve_impl(impl, *, platform=None):
@@ -113,11 +120,13 @@ def lightning_attention(q, k, v, decay, *, impl="auto", initial_state=None, retu
     Args:
       q, k: [B, N, H, Dk]; v: [B, N, H, Dv]; all the same float dtype.
       decay: [H] float, lambda >= 0 per head. Concrete decays are checked on the host; traced ones are not.
-      impl: "auto" | "reference" | "chunked" | "pallas_tpu" | "pallas_gpu" (see the module docstring).
+      impl: "auto" | "reference" | "chunked" | "pallas_tpu" | "pallas_gpu" | "pallas_gpu_parallel" (see the module
+        docstring).
       initial_state: optional [B, H, Dk, Dv] (float32); applies to the first segment only.
       return_final_state: also return the final state [B, H, Dk, Dv] float32 (of the last segment).
       block_size: tokens per block (chunk); N need not be a multiple. pallas_tpu rounds it up to a multiple of 16,
-        pallas_gpu uses a power of two in [16, 64].
+        pallas_gpu uses a power of two in [16, 64]; pallas_gpu_parallel stores one state per block and runs
+        sub-chunks of 64 inside it.
       segment_ids: optional int [B, N] of contiguous runs (packed sequences); the state resets at each segment
         start (a change of id), and initial_state applies to the first segment only.
       interpret: run a Pallas kernel in interpret mode (True, or a `pltpu.InterpretParams` for pallas_tpu);
@@ -151,6 +160,9 @@ def _run(impl, q, k, v, decay, initial_state, segment_ids, block_size, interpret
     elif impl == "pallas_tpu":
         o, state = tpu.lightning_attention_tpu(q, k, v, decay, initial_state, segment_ids,
                                                block_size=int(block_size), interpret=interpret)
+    elif impl == "pallas_gpu_parallel":
+        o, state = gpu_parallel.lightning_attention_gpu_parallel(q, k, v, decay, initial_state, segment_ids,
+                                                                 block_size=int(block_size), interpret=interpret)
     else:
         o, state = gpu.lightning_attention_gpu(q, k, v, decay, initial_state, segment_ids,
                                                block_size=int(block_size), interpret=interpret)

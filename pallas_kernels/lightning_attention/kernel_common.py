@@ -74,6 +74,70 @@ def pad_bounds(start_BxN, end_BxN, Np: int):
             jnp.pad(end_BxN, ((0, 0), (0, pad)), mode="edge"))
 
 
+def chunk_decays(lam, m, C, *, reverse: bool, scores: bool = True, c0=None, start_Cx1=None, end_Cx1=None):
+    """The decay factors of one chunk of C rows (m valid; padding sits at the end), segment masks applied:
+    (d_CxC or None, q_scale_Cx1, k_scale_Cx1, gamma). With scores=False the C x C intra-chunk decay is not
+    built (a state-only pass). Arguments as in `chunk_step`."""
+    r_Cx1 = lax.broadcasted_iota(jnp.int32, (C, 1), 0)
+    d_CxC = None
+    if scores:
+        i_CxC = lax.broadcasted_iota(jnp.int32, (C, C), 0)
+        j_CxC = lax.broadcasted_iota(jnp.int32, (C, C), 1)
+        d_CxC = _masked_exp(lam, (j_CxC - i_CxC) if reverse else (i_CxC - j_CxC))
+    if reverse:
+        q_scale_Cx1 = _masked_exp(lam, m - 1 - r_Cx1)
+        k_scale_Cx1 = _masked_exp(lam, r_Cx1 + 1)
+    else:
+        q_scale_Cx1 = _masked_exp(lam, r_Cx1 + 1)
+        k_scale_Cx1 = _masked_exp(lam, m - 1 - r_Cx1)
+    keep_state = True
+    if c0 is not None:  # segments: reductions in float32 (exact for indices below 2^24; Mosaic reduces floats)
+        valid_Cx1 = r_Cx1 < m
+        if reverse:
+            end_Cx1 = end_Cx1.astype(jnp.float32)
+            first_end = jnp.min(jnp.where(valid_Cx1, end_Cx1, jnp.float32(2**30)))
+            last = (c0 + m - 1).astype(jnp.float32)
+            if scores:
+                j_CxC = lax.broadcasted_iota(jnp.int32, (C, C), 1)
+                d_CxC = jnp.where((c0 + j_CxC).astype(jnp.float32) <= end_Cx1, d_CxC, 0.0)
+            q_scale_Cx1 = jnp.where(end_Cx1 > last, q_scale_Cx1, 0.0)
+            k_scale_Cx1 = jnp.where((c0 + r_Cx1).astype(jnp.float32) <= first_end, k_scale_Cx1, 0.0)
+            keep_state = first_end > last
+        else:
+            start_Cx1 = start_Cx1.astype(jnp.float32)
+            last_start = jnp.max(jnp.where(valid_Cx1, start_Cx1, jnp.float32(-1)))
+            first = c0.astype(jnp.float32)
+            if scores:
+                j_CxC = lax.broadcasted_iota(jnp.int32, (C, C), 1)
+                d_CxC = jnp.where((c0 + j_CxC).astype(jnp.float32) >= start_Cx1, d_CxC, 0.0)
+            q_scale_Cx1 = jnp.where(start_Cx1 < first, q_scale_Cx1, 0.0)
+            k_scale_Cx1 = jnp.where((c0 + r_Cx1).astype(jnp.float32) >= last_start, k_scale_Cx1, 0.0)
+            keep_state = last_start < first
+    gamma = jnp.where(keep_state, jnp.exp(-lam * m.astype(jnp.float32)), 0.0)
+    return d_CxC, q_scale_Cx1, k_scale_Cx1, gamma
+
+
+def _precision(dt):
+    return lax.Precision.HIGHEST if dt == jnp.float32 else lax.Precision.DEFAULT
+
+
+def chunk_output(q_CxK, k_CxK, v_CxV, state_KxV, d_CxC, q_scale_Cx1):
+    """o_CxV float32 = ((Q K^T) * D) V + (Q * q_scale) S: the intra-chunk term and the state's."""
+    dt = q_CxK.dtype
+    prec = _precision(dt)
+    scores_CxC = _dot(q_CxK, k_CxK, ((1,), (1,)), prec) * d_CxC
+    o_CxV = _dot(scores_CxC.astype(dt), v_CxV, ((1,), (0,)), prec)
+    q_dec = (q_CxK.astype(jnp.float32) * q_scale_Cx1).astype(dt)
+    return o_CxV + _dot(q_dec, state_KxV.astype(dt), ((1,), (0,)), prec)
+
+
+def state_update(k_CxK, v_CxV, state_KxV, k_scale_Cx1, gamma):
+    """The state after the chunk, float32: gamma S + (K * k_scale)^T V."""
+    dt = k_CxK.dtype
+    k_dec = (k_CxK.astype(jnp.float32) * k_scale_Cx1).astype(dt)
+    return gamma * state_KxV + _dot(k_dec, v_CxV, ((0,), (0,)), _precision(dt))
+
+
 def chunk_step(q_CxK, k_CxK, v_CxV, state_KxV, lam, m, *, reverse: bool, c0=None, start_Cx1=None, end_Cx1=None):
     """One chunk on tiles already loaded on chip. Returns (o_CxV float32, new_state_KxV float32).
 
@@ -85,47 +149,10 @@ def chunk_step(q_CxK, k_CxK, v_CxV, state_KxV, lam, m, *, reverse: bool, c0=None
     float32 inputs use Precision.HIGHEST (IEEE on Triton, not TF32). Iotas are int32 and cast (TPU has no float
     iota).
     """
-    C = q_CxK.shape[0]
-    dt = q_CxK.dtype
-    prec = lax.Precision.HIGHEST if dt == jnp.float32 else lax.Precision.DEFAULT
-    i_CxC = lax.broadcasted_iota(jnp.int32, (C, C), 0)
-    j_CxC = lax.broadcasted_iota(jnp.int32, (C, C), 1)
-    r_Cx1 = lax.broadcasted_iota(jnp.int32, (C, 1), 0)
-    if reverse:
-        d_CxC = _masked_exp(lam, j_CxC - i_CxC)
-        q_scale_Cx1 = _masked_exp(lam, m - 1 - r_Cx1)
-        k_scale_Cx1 = _masked_exp(lam, r_Cx1 + 1)
-    else:
-        d_CxC = _masked_exp(lam, i_CxC - j_CxC)
-        q_scale_Cx1 = _masked_exp(lam, r_Cx1 + 1)
-        k_scale_Cx1 = _masked_exp(lam, m - 1 - r_Cx1)
-    keep_state = True
-    if c0 is not None:  # segments: reductions in float32 (exact for indices below 2^24; Mosaic reduces floats)
-        valid_Cx1 = r_Cx1 < m
-        if reverse:
-            end_Cx1 = end_Cx1.astype(jnp.float32)
-            first_end = jnp.min(jnp.where(valid_Cx1, end_Cx1, jnp.float32(2**30)))
-            last = (c0 + m - 1).astype(jnp.float32)
-            d_CxC = jnp.where((c0 + j_CxC).astype(jnp.float32) <= end_Cx1, d_CxC, 0.0)
-            q_scale_Cx1 = jnp.where(end_Cx1 > last, q_scale_Cx1, 0.0)
-            k_scale_Cx1 = jnp.where((c0 + r_Cx1).astype(jnp.float32) <= first_end, k_scale_Cx1, 0.0)
-            keep_state = first_end > last
-        else:
-            start_Cx1 = start_Cx1.astype(jnp.float32)
-            last_start = jnp.max(jnp.where(valid_Cx1, start_Cx1, jnp.float32(-1)))
-            first = c0.astype(jnp.float32)
-            d_CxC = jnp.where((c0 + j_CxC).astype(jnp.float32) >= start_Cx1, d_CxC, 0.0)
-            q_scale_Cx1 = jnp.where(start_Cx1 < first, q_scale_Cx1, 0.0)
-            k_scale_Cx1 = jnp.where((c0 + r_Cx1).astype(jnp.float32) >= last_start, k_scale_Cx1, 0.0)
-            keep_state = last_start < first
-    scores_CxC = _dot(q_CxK, k_CxK, ((1,), (1,)), prec) * d_CxC
-    o_CxV = _dot(scores_CxC.astype(dt), v_CxV, ((1,), (0,)), prec)
-    q_dec = (q_CxK.astype(jnp.float32) * q_scale_Cx1).astype(dt)
-    o_CxV = o_CxV + _dot(q_dec, state_KxV.astype(dt), ((1,), (0,)), prec)
-    k_dec = (k_CxK.astype(jnp.float32) * k_scale_Cx1).astype(dt)
-    gamma = jnp.where(keep_state, jnp.exp(-lam * m.astype(jnp.float32)), 0.0)
-    new_state = gamma * state_KxV + _dot(k_dec, v_CxV, ((0,), (0,)), prec)
-    return o_CxV, new_state
+    d_CxC, q_scale_Cx1, k_scale_Cx1, gamma = chunk_decays(lam, m, q_CxK.shape[0], reverse=reverse, c0=c0,
+                                                          start_Cx1=start_Cx1, end_Cx1=end_Cx1)
+    o_CxV = chunk_output(q_CxK, k_CxK, v_CxV, state_KxV, d_CxC, q_scale_Cx1)
+    return o_CxV, state_update(k_CxK, v_CxV, state_KxV, k_scale_Cx1, gamma)
 
 
 def make_differentiable(sweep):
