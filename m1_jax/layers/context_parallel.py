@@ -12,8 +12,9 @@ survives a device boundary only if the segment continues across it, and a chunk 
 chunk is one segment.
 
 Softmax layers (LASP-2H style): all-gather the keys, values and their segment ids, and attend this device's
-queries at their global positions (blockwise attention with a query offset). Keys and values are H / K times
-smaller than the queries under GQA; the gather is 2 * L * K * D per layer.
+queries at their global positions (flash attention with a traced query offset: our Triton kernel on CUDA,
+softmax_attention/flash_gpu.py, the blockwise JAX path elsewhere). Keys and values are H / K times smaller
+than the queries under GQA; the gather is 2 * L * K * D per layer.
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.softmax_attention import blockwise
+from pallas_kernels.softmax_attention import blockwise, flash_gpu
+
+# The local compute of the gathered-kv attention ("auto": the Triton kernel when compiled for CUDA).
+GATHERED_KV_IMPLS = ("auto", "blockwise", "pallas_gpu")
 
 
 def lasp2_lightning(attend, q_BxLxHxK, k_BxLxHxK, v_BxLxHxV, decay_H, state0_BxHxKxV, segment_ids_BxL, *, axis):
@@ -69,13 +73,26 @@ def lasp2_lightning(attend, q_BxLxHxK, k_BxLxHxK, v_BxLxHxV, decay_H, state0_BxH
 
 
 def gathered_kv_attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL, *, scale, axis, block_q=512,
-                          block_kv=512):
-    """This device's causal attention output [B, Lc, H, D] over the keys of every device on `axis`."""
+                          block_kv=512, impl="auto", interpret=False):
+    """This device's causal attention output [B, Lc, H, D] over the keys of every device on `axis`.
+    impl: GATHERED_KV_IMPLS; block_q / block_kv: the blockwise path's tiles."""
+    if impl not in GATHERED_KV_IMPLS:
+        raise ValueError(f"gathered-kv attention impl must be one of {GATHERED_KV_IMPLS}, got {impl!r}")
     B, Lc = q_BxLxHxD.shape[:2]
     seg_BxL = (jnp.ones((B, Lc), jnp.int32) if segment_ids_BxL is None
                else segment_ids_BxL.astype(jnp.int32))
     gather = lambda x: lax.all_gather(x, axis, axis=1, tiled=True)  # noqa: E731
     q_offset = lax.axis_index(axis) * Lc
-    return blockwise.blockwise_attention(q_BxLxHxD, gather(k_BxLxKxD), gather(v_BxLxKxD), seg_BxL, scale=scale,
-                                         block_q=block_q, block_kv=block_kv, q_offset=q_offset,
-                                         kv_segment_ids_BxS=gather(seg_BxL))
+    args = (q_BxLxHxD, gather(k_BxLxKxD), gather(v_BxLxKxD), seg_BxL, gather(seg_BxL), q_offset)
+
+    def kernel(q, k, v, seg_q, seg_k, offset):
+        return flash_gpu.flash_attention_gpu(q, k, v, seg_q, seg_k, scale=scale, q_offset=offset,
+                                             interpret=interpret)
+
+    def jax_path(q, k, v, seg_q, seg_k, offset):
+        return blockwise.blockwise_attention(q, k, v, seg_q, scale=scale, block_q=block_q, block_kv=block_kv,
+                                             q_offset=offset, kv_segment_ids_BxS=seg_k)
+
+    if impl == "auto":
+        return lax.platform_dependent(*args, cuda=kernel, default=jax_path)
+    return (kernel if impl == "pallas_gpu" else jax_path)(*args)

@@ -41,8 +41,8 @@ def attention_per_device(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL=None, 
                          block_q=512, block_kv=512, interpret=False):
     """`softmax_attention`, run per device when a mesh is set (a Pallas kernel is not partitioned by GSPMD):
     batch over the batch axes, heads and kv heads over the tensor axis. Over a context axis each device attends
-    its queries to the gathered keys (context_parallel.py; the blockwise path, as the Pallas kernels take no
-    query offset)."""
+    its queries to the gathered keys (context_parallel.py: our Triton kernel with a query offset on CUDA, the
+    blockwise path elsewhere; splash takes no traced offset, so "pallas_tpu" is refused there)."""
     def attend(q, k, v, segments):
         return softmax_attention(q, k, v, segments, scale=scale, impl=impl, block_q=block_q, block_kv=block_kv,
                                  interpret=interpret)
@@ -53,13 +53,14 @@ def attention_per_device(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL=None, 
     if not context:
         fn = sharding.shard_map_by_logical_axes(attend, in_axes, qh, what="softmax attention")
         return fn(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL)
-    if impl not in ("auto", "blockwise"):
-        raise ValueError(f"softmax_impl={impl!r} cannot run over the context axis {context}: only the blockwise "
-                         "path takes a query offset; use softmax_impl='auto' or 'blockwise'")
+    if impl not in context_parallel.GATHERED_KV_IMPLS:
+        raise ValueError(f"softmax_impl={impl!r} cannot run over the context axis {context}: it needs a traced "
+                         f"query offset, which splash attention lacks; use one of {context_parallel.GATHERED_KV_IMPLS}")
 
     def attend_chunk(q, k, v, segments):
         return context_parallel.gathered_kv_attention(q, k, v, segments, scale=scale, axis=context,
-                                                      block_q=block_q, block_kv=block_kv)
+                                                      block_q=block_q, block_kv=block_kv, impl=impl,
+                                                      interpret=interpret)
 
     fn = sharding.shard_map_by_logical_axes(attend_chunk, in_axes, qh, what="softmax attention (context parallel)",
                                             fallback=attend)
