@@ -53,3 +53,29 @@ def test_lightning_kernel_compiled(impl, dtype, tol, N):
         g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
         err = np.abs(g - w).max() / max(1.0, np.abs(w).max())
         assert err <= tol, f"{name}: relative error {err}"
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="the offset flash kernel is a Triton (GPU) kernel")
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-4), (jnp.bfloat16, 3e-2)])
+@pytest.mark.parametrize("L,S,q_offset", [(512, 2048, 1536), (1000, 1000, 0), (300, 1300, 1000)])
+def test_offset_flash_kernel_compiled(dtype, tol, L, S, q_offset):
+    """The context-parallel softmax kernel compiled by Triton against float64 numpy (GQA 4:1, D 128)."""
+    from test_softmax_attention import _offset_attention_float64
+    from pallas_kernels.softmax_attention import flash_gpu
+    rng = np.random.default_rng(L + S)
+    B, H, K, D = 1, 8, 2, 128
+    q, do = (jnp.asarray(rng.standard_normal((B, L, H, D)), dtype) for _ in range(2))
+    k, v = (jnp.asarray(rng.standard_normal((B, S, K, D)), dtype) for _ in range(2))
+    ids = np.ones((B, S), np.int32)
+    for cut in rng.choice(np.arange(1, S), 6, replace=False):
+        ids[:, cut:] += 1
+    seg_k = jnp.asarray(ids)
+    seg_q = seg_k[:, q_offset:q_offset + L]
+    fn = lambda q, k, v: flash_gpu.flash_attention_gpu(q, k, v, seg_q, seg_k, scale=D ** -0.5,  # noqa: E731
+                                                      q_offset=jnp.int32(q_offset))
+    o, vjp = jax.vjp(jax.jit(fn), q, k, v)
+    want_o, want_grads = _offset_attention_float64(q, k, v, seg_q, seg_k, q_offset, D ** -0.5, do)
+    for name, g, w in zip(("o", "dq", "dk", "dv"), (o,) + vjp(do), (want_o,) + want_grads):
+        g = np.asarray(g, np.float64)
+        err = np.abs(g - w).max() / max(1.0, np.abs(w).max())
+        assert err <= tol, f"{name}: relative error {err}"
