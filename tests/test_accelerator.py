@@ -55,13 +55,12 @@ def test_lightning_kernel_compiled(impl, dtype, tol, N):
         assert err <= tol, f"{name}: relative error {err}"
 
 
-@pytest.mark.skipif(jax.default_backend() != "gpu", reason="the offset flash kernel is a Triton (GPU) kernel")
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-4), (jnp.bfloat16, 3e-2)])
 @pytest.mark.parametrize("L,S,q_offset", [(512, 2048, 1536), (1000, 1000, 0), (300, 1300, 1000)])
 def test_offset_flash_kernel_compiled(dtype, tol, L, S, q_offset):
-    """The context-parallel softmax kernel compiled by Triton against float64 numpy (GQA 4:1, D 128)."""
-    from test_softmax_attention import _offset_attention_float64
-    from pallas_kernels.softmax_attention import flash_gpu
+    """The context-parallel softmax kernel of this platform (Triton or Mosaic TPU) compiled, against float64 numpy
+    (GQA 4:1, D 128)."""
+    from test_softmax_attention import _offset_attention_float64, _offset_kernel
     rng = np.random.default_rng(L + S)
     B, H, K, D = 1, 8, 2, 128
     q, do = (jnp.asarray(rng.standard_normal((B, L, H, D)), dtype) for _ in range(2))
@@ -71,8 +70,8 @@ def test_offset_flash_kernel_compiled(dtype, tol, L, S, q_offset):
         ids[:, cut:] += 1
     seg_k = jnp.asarray(ids)
     seg_q = seg_k[:, q_offset:q_offset + L]
-    fn = lambda q, k, v: flash_gpu.flash_attention_gpu(q, k, v, seg_q, seg_k, scale=D ** -0.5,  # noqa: E731
-                                                      q_offset=jnp.int32(q_offset))
+    kernel = _offset_kernel(jax.default_backend())
+    fn = lambda q, k, v: kernel(q, k, v, seg_q, seg_k, scale=D ** -0.5, q_offset=jnp.int32(q_offset))  # noqa: E731
     o, vjp = jax.vjp(jax.jit(fn), q, k, v)
     want_o, want_grads = _offset_attention_float64(q, k, v, seg_q, seg_k, q_offset, D ** -0.5, do)
     for name, g, w in zip(("o", "dq", "dk", "dv"), (o,) + vjp(do), (want_o,) + want_grads):

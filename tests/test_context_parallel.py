@@ -87,9 +87,9 @@ def test_lasp2_equals_reference(impl, spec):
 
 
 @pytest.mark.parametrize("spec,impl", [("context=8", "auto"), ("data=2,context=4", "auto"),
-                                       ("data=2,context=4", "pallas_gpu")])
+                                       ("data=2,context=4", "pallas_gpu"), ("data=2,context=4", "pallas_tpu")])
 def test_gathered_kv_attention_equals_reference(spec, impl):
-    """The blockwise path ("auto" on CPU) and our Triton kernel (interpret mode) as the local compute."""
+    """The blockwise path ("auto" on CPU) and our Pallas kernels (interpret mode) as the local compute."""
     mesh = sharding.make_mesh(spec)
     rng = np.random.default_rng(5)
     B, L, H, Kv, D = 2, 64, 4, 2, 16
@@ -103,31 +103,32 @@ def test_gathered_kv_attention_equals_reference(spec, impl):
     want = jax.value_and_grad(functools.partial(loss, ref), argnums=(0, 1, 2))(q, k, v)
     # Blocks of 4 over 8-token chunks: several query and key blocks per device, tiles skipped by the offset.
     mine = lambda q, k, v: attention_per_device(q, k, v, seg, scale=scale, block_q=4, block_kv=4,  # noqa: E731
-                                                impl=impl, interpret=impl == "pallas_gpu")
+                                                impl=impl, interpret=impl.startswith("pallas"))
     with sharding.mesh_context(mesh):
         got = jax.jit(jax.value_and_grad(functools.partial(loss, mine), argnums=(0, 1, 2)))(q, k, v)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
 
 
-def test_splash_over_context_is_refused():
+def test_unknown_softmax_impl_over_context_is_refused():
     mesh = sharding.make_mesh("context=8")
     x = jnp.ones((1, 64, 2, 8), jnp.float32)
-    with sharding.mesh_context(mesh), pytest.raises(ValueError, match="query offset"):
-        jax.jit(lambda x: attention_per_device(x, x, x, scale=1.0, impl="pallas_tpu", interpret=True)).lower(x)
+    with sharding.mesh_context(mesh), pytest.raises(ValueError, match="cannot run over the context axis"):
+        jax.jit(lambda x: attention_per_device(x, x, x, scale=1.0, impl="reference")).lower(x)
 
 
-def test_context_parallel_softmax_lowers_to_the_triton_kernel_for_cuda():
-    """"auto" over a context axis, lowered for CUDA from this CPU host: our offset-taking Triton flash kernel
-    (forward here; dq and dk/dv in the backward), not jax's mha."""
+@pytest.mark.parametrize("platform,marker", [("cuda", "__gpu$xla.gpu.triton"), ("tpu", "tpu_custom_call")])
+def test_context_parallel_softmax_lowers_to_our_kernels(platform, marker):
+    """"auto" over a context axis, lowered for CUDA or TPU from this CPU host: our offset-taking flash kernels
+    (forward; dq and dk/dv in the backward), not jax's mha or splash."""
     mesh = sharding.make_mesh("context=8")
-    q = jax.ShapeDtypeStruct((1, 512, 4, 64), jnp.bfloat16)
-    kv = jax.ShapeDtypeStruct((1, 512, 2, 64), jnp.bfloat16)
+    q = jax.ShapeDtypeStruct((1, 1024, 4, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 1024, 2, 128), jnp.bfloat16)
     loss = lambda q, k, v: jnp.sum(attention_per_device(q, k, v, scale=0.125).astype(jnp.float32))  # noqa: E731
     with sharding.mesh_context(mesh):
         text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv).lower(
-            lowering_platforms=("cuda",)).as_text()
-    assert text.count("__gpu$xla.gpu.triton") == 3
+            lowering_platforms=(platform,)).as_text()
+    assert text.count(marker) == 3
 
 
 @pytest.mark.parametrize("spec,moe_impl", [("data=2,context=4", "dropless"),

@@ -3,6 +3,7 @@ against the full-softmax reference (GQA, segments, lengths no block divides, gra
 compiled for, and the per-device wrapper under a mesh."""
 
 import functools
+import importlib.util
 import re
 
 import jax
@@ -136,16 +137,23 @@ def _offset_attention_float64(q, k, v, seg_q, seg_k, q_offset, scale, do):
     return np.einsum("bhls,bshd->blhd", p, vv), grads
 
 
+def _offset_kernel(platform):
+    from pallas_kernels.softmax_attention import flash_gpu, flash_tpu
+    return {"gpu": flash_gpu.flash_attention_gpu, "tpu": flash_tpu.flash_attention_tpu}[platform]
+
+
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
 @pytest.mark.parametrize("B,L,S,H,K,D,q_offset,dtype,tol", [
     (2, 40, 120, 4, 2, 16, 80, jnp.float32, 1e-5),   # the last of three devices' chunks, GQA 2:1, padded blocks
     (1, 64, 64, 2, 2, 32, 0, jnp.float32, 1e-5),     # no offset, MHA: the plain causal layer
     (1, 16, 80, 2, 1, 16, 17, jnp.float32, 1e-5),    # an offset no block divides, MQA
+    (1, 200, 600, 4, 2, 128, 400, jnp.float32, 1e-5),  # several query and key blocks (TPU tiles are 128)
     (2, 33, 99, 8, 2, 16, 66, jnp.bfloat16, 3e-2),   # GQA 4:1 in bf16
 ])
-def test_offset_flash_kernel_matches_float64(B, L, S, H, K, D, q_offset, dtype, tol):
-    """Our Triton flash kernel (the context-parallel local compute) in interpret mode: a traced query offset,
-    keys longer than the queries, separate query and key segment ids, forward and all three gradients."""
-    from pallas_kernels.softmax_attention import flash_gpu
+def test_offset_flash_kernel_matches_float64(platform, B, L, S, H, K, D, q_offset, dtype, tol):
+    """Our Pallas flash kernels (the context-parallel local compute: Triton and Mosaic TPU) in interpret mode: a
+    traced query offset, keys longer than the queries, separate query and key segment ids, forward and all
+    three gradients."""
     rng = np.random.default_rng(L + S + q_offset)
     q, do = (jnp.asarray(rng.standard_normal((B, L, H, D)), dtype) for _ in range(2))
     k, v = (jnp.asarray(rng.standard_normal((B, S, K, D)), dtype) for _ in range(2))
@@ -157,7 +165,7 @@ def test_offset_flash_kernel_matches_float64(B, L, S, H, K, D, q_offset, dtype, 
     scale = D ** -0.5
 
     def f(q, k, v, offset):
-        return flash_gpu.flash_attention_gpu(q, k, v, seg_q, seg_k, scale=scale, q_offset=offset, interpret=True)
+        return _offset_kernel(platform)(q, k, v, seg_q, seg_k, scale=scale, q_offset=offset, interpret=True)
 
     o, vjp = jax.vjp(jax.jit(f), q, k, v, jnp.int32(q_offset))
     got = (o,) + vjp(do)[:3]
@@ -167,15 +175,31 @@ def test_offset_flash_kernel_matches_float64(B, L, S, H, K, D, q_offset, dtype, 
         assert _rel(g, w) <= tol, (name, _rel(g, w))
 
 
-def test_offset_flash_kernel_lowers_for_cuda():
-    from pallas_kernels.softmax_attention import flash_gpu
+def _offset_kernel_grad(platform):
     sds = jax.ShapeDtypeStruct
 
     def loss(q, k, v, offset):
-        o = flash_gpu.flash_attention_gpu(q, k, v, scale=0.1, q_offset=offset)
-        return jnp.sum(o.astype(jnp.float32))
+        return jnp.sum(_offset_kernel(platform)(q, k, v, scale=0.1, q_offset=offset).astype(jnp.float32))
 
     args = (sds((1, 1000, 8, 128), jnp.bfloat16), sds((1, 4000, 2, 128), jnp.bfloat16),
             sds((1, 4000, 2, 128), jnp.bfloat16), sds((), jnp.int32))
-    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("__gpu$xla.gpu.triton") == 3  # forward, dq, dk/dv
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2))), args
+
+
+@pytest.mark.parametrize("platform,lowering,marker", [("gpu", "cuda", "__gpu$xla.gpu.triton"),
+                                                      ("tpu", "tpu", "tpu_custom_call")])
+def test_offset_flash_kernel_lowers(platform, lowering, marker):
+    fn, args = _offset_kernel_grad(platform)
+    assert fn.trace(*args).lower(lowering_platforms=(lowering,)).as_text().count(marker) == 3  # fwd, dq, dk/dv
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (pip install -e .[tpu])")
+def test_offset_flash_kernel_compiles_for_v5p():
+    """XLA:TPU compiles the Mosaic kernels (forward and backward, 1000 queries at a traced offset over 4000
+    keys, bf16) for one v5p chip: Mosaic's tiling and VMEM rules hold."""
+    from jax.sharding import Mesh
+    from m1_jax.train.dry_run import topology_devices
+    fn, args = _offset_kernel_grad("tpu")
+    replicated = NamedSharding(Mesh(np.array(topology_devices("v5p:2x2x1")[:1]), ("x",)), P())
+    compiled = fn.trace(*(jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated) for a in args)).lower().compile()
+    assert compiled.as_text().count("custom-call") >= 3

@@ -12,8 +12,8 @@ survives a device boundary only if the segment continues across it, and a chunk 
 chunk is one segment.
 
 Softmax layers (LASP-2H style): all-gather the keys, values and their segment ids, and attend this device's
-queries at their global positions (flash attention with a traced query offset: our Triton kernel on CUDA,
-softmax_attention/flash_gpu.py, the blockwise JAX path elsewhere). Keys and values are H / K times smaller
+queries at their global positions (flash attention with a traced query offset: our Pallas kernels,
+softmax_attention/flash_gpu.py on CUDA and flash_tpu.py on TPU, the blockwise JAX path elsewhere). Keys and values are H / K times smaller
 than the queries under GQA; the gather is 2 * L * K * D per layer.
 """
 
@@ -23,10 +23,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.softmax_attention import blockwise, flash_gpu
+from pallas_kernels.softmax_attention import blockwise, flash_gpu, flash_tpu
 
-# The local compute of the gathered-kv attention ("auto": the Triton kernel when compiled for CUDA).
-GATHERED_KV_IMPLS = ("auto", "blockwise", "pallas_gpu")
+# The local compute of the gathered-kv attention ("auto": by the platform compiled for, as softmax_attention).
+GATHERED_KV_IMPLS = ("auto", "blockwise", "pallas_gpu", "pallas_tpu")
 
 
 def lasp2_lightning(attend, q_BxLxHxK, k_BxLxHxK, v_BxLxHxV, decay_H, state0_BxHxKxV, segment_ids_BxL, *, axis):
@@ -85,14 +85,17 @@ def gathered_kv_attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL, *, s
     q_offset = lax.axis_index(axis) * Lc
     args = (q_BxLxHxD, gather(k_BxLxKxD), gather(v_BxLxKxD), seg_BxL, gather(seg_BxL), q_offset)
 
-    def kernel(q, k, v, seg_q, seg_k, offset):
-        return flash_gpu.flash_attention_gpu(q, k, v, seg_q, seg_k, scale=scale, q_offset=offset,
-                                             interpret=interpret)
+    def kernel(fn, interpret):
+        return lambda q, k, v, seg_q, seg_k, offset: fn(q, k, v, seg_q, seg_k, scale=scale, q_offset=offset,
+                                                        interpret=interpret)
 
     def jax_path(q, k, v, seg_q, seg_k, offset):
         return blockwise.blockwise_attention(q, k, v, seg_q, scale=scale, block_q=block_q, block_kv=block_kv,
                                              q_offset=offset, kv_segment_ids_BxS=seg_k)
 
+    gpu, tpu = flash_gpu.flash_attention_gpu, flash_tpu.flash_attention_tpu
     if impl == "auto":
-        return lax.platform_dependent(*args, cuda=kernel, default=jax_path)
-    return (kernel if impl == "pallas_gpu" else jax_path)(*args)
+        return lax.platform_dependent(*args, cuda=kernel(gpu, False), tpu=kernel(tpu, False), default=jax_path)
+    if impl == "blockwise":
+        return jax_path(*args)
+    return kernel(gpu if impl == "pallas_gpu" else tpu, interpret)(*args)

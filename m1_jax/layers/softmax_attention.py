@@ -41,8 +41,8 @@ def attention_per_device(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL=None, 
                          block_q=512, block_kv=512, interpret=False):
     """`softmax_attention`, run per device when a mesh is set (a Pallas kernel is not partitioned by GSPMD):
     batch over the batch axes, heads and kv heads over the tensor axis. Over a context axis each device attends
-    its queries to the gathered keys (context_parallel.py: our Triton kernel with a query offset on CUDA, the
-    blockwise path elsewhere; splash takes no traced offset, so "pallas_tpu" is refused there)."""
+    its queries to the gathered keys (context_parallel.py: our Pallas kernels with a traced query offset on
+    CUDA and TPU, the blockwise path elsewhere)."""
     def attend(q, k, v, segments):
         return softmax_attention(q, k, v, segments, scale=scale, impl=impl, block_q=block_q, block_kv=block_kv,
                                  interpret=interpret)
@@ -54,8 +54,8 @@ def attention_per_device(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL=None, 
         fn = sharding.shard_map_by_logical_axes(attend, in_axes, qh, what="softmax attention")
         return fn(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL)
     if impl not in context_parallel.GATHERED_KV_IMPLS:
-        raise ValueError(f"softmax_impl={impl!r} cannot run over the context axis {context}: it needs a traced "
-                         f"query offset, which splash attention lacks; use one of {context_parallel.GATHERED_KV_IMPLS}")
+        raise ValueError(f"softmax_impl={impl!r} cannot run over the context axis {context}: use one of "
+                         f"{context_parallel.GATHERED_KV_IMPLS}")
 
     def attend_chunk(q, k, v, segments):
         return context_parallel.gathered_kv_attention(q, k, v, segments, scale=scale, axis=context,
