@@ -20,15 +20,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.softmax_attention.flash_common import MASKED, PAD_KV, PAD_Q, call, dot, pad_to, with_vjp
+
 MAX_BLOCK = 64
-MASKED = -1e30
-_PAD_Q = np.iinfo(np.int32).min      # segment id of padded queries
-_PAD_KV = np.iinfo(np.int32).min + 1  # of padded keys: never equal to a query's
 
 
 def _block(L):
@@ -38,15 +36,10 @@ def _block(L):
     return b
 
 
-def _dot(a, b, contract):
-    prec = lax.Precision.HIGHEST if a.dtype == jnp.float32 else lax.Precision.DEFAULT
-    return lax.dot_general(a, b, (contract, ((), ())), precision=prec, preferred_element_type=jnp.float32)
-
-
 def _probs(q, k, segq_bq, segk_bk, q_first, k_first, lse_or_none, scale):
     """Masked float32 scores [bq, bk] (lse None) or probabilities exp(s - lse) (lse [bq])."""
     bq, bk = q.shape[0], k.shape[0]
-    s = _dot(q, k, ((1,), (1,))) * scale
+    s = dot(q, k, ((1,), (1,))) * scale
     q_pos = q_first + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
     k_pos = k_first + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
     visible = (k_pos <= q_pos) & (segk_bk[None, :] == segq_bq[:, None])
@@ -72,7 +65,7 @@ def _fwd_kernel(off_ref, q_ref, k_ref, v_ref, segq_ref, segk_ref, o_ref, lse_ref
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         p = jnp.where(visible, jnp.exp(s - m_new[:, None]), 0.0)
         corr = jnp.exp(m - m_new)
-        acc = acc * corr[:, None] + _dot(p.astype(v_ref.dtype), v_ref[rows, :], ((1,), (0,)))
+        acc = acc * corr[:, None] + dot(p.astype(v_ref.dtype), v_ref[rows, :], ((1,), (0,)))
         return m_new, l * corr + jnp.sum(p, axis=1), acc
 
     init = (jnp.full((bq,), MASKED, jnp.float32), jnp.zeros((bq,), jnp.float32), jnp.zeros((bq, D), jnp.float32))
@@ -92,9 +85,9 @@ def _dq_kernel(off_ref, q_ref, k_ref, v_ref, segq_ref, segk_ref, do_ref, lse_ref
         rows = pl.ds(pl.multiple_of(j * bk, bk), bk)
         k = k_ref[rows, :]
         p, _ = _probs(q, k, segq, segk_ref[rows], q_first, j * bk, lse, scale)
-        dp = _dot(do, v_ref[rows, :], ((1,), (1,)))
+        dp = dot(do, v_ref[rows, :], ((1,), (1,)))
         ds = p * (dp - delta[:, None])
-        return dq + _dot(ds.astype(k.dtype), k, ((1,), (0,)))
+        return dq + dot(ds.astype(k.dtype), k, ((1,), (0,)))
 
     dq = lax.fori_loop(0, _kv_blocks(q_first, bq, bk, nk), body, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
@@ -116,10 +109,10 @@ def _dkv_kernel(off_ref, q_ref, k_ref, v_ref, segq_ref, segk_ref, do_ref, lse_re
             rows = pl.ds(pl.multiple_of(i * bq, bq), bq)
             q, do = q_ref[rows, cols], do_ref[rows, cols]
             p, _ = _probs(q, k, segq_ref[rows], segk, off_ref[0] + i * bq, k_first, lse_ref[g, rows], scale)
-            dv = dv + _dot(p.astype(do.dtype), do, ((0,), (0,)))
-            dp = _dot(do, v, ((1,), (1,)))
+            dv = dv + dot(p.astype(do.dtype), do, ((0,), (0,)))
+            dp = dot(do, v, ((1,), (1,)))
             ds = p * (dp - delta_ref[g, rows][:, None])
-            return dk + _dot(ds.astype(q.dtype), q, ((0,), (0,))), dv
+            return dk + dot(ds.astype(q.dtype), q, ((0,), (0,))), dv
 
         return lax.fori_loop(first_q, nq, body, carry)
 
@@ -133,14 +126,6 @@ def _params():
     return pltriton.CompilerParams(num_warps=4, num_stages=2)
 
 
-def _pad(x, L, axis=1, value=0):
-    if x.shape[axis] == L:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, L - x.shape[axis])
-    return jnp.pad(x, widths, constant_values=value)
-
-
 @functools.lru_cache(maxsize=None)
 def _attention(scale, interpret):
 
@@ -152,9 +137,9 @@ def _attention(scale, interpret):
 
     def forward(q, k, v, segq, segk, off):
         B, Lq, H, D, Lk, K, G, bq, bk, Lqp, Lkp = shapes(q, k)
-        q3 = _pad(q, Lqp).reshape(B, Lqp, H * D)
-        k3, v3 = (_pad(x, Lkp).reshape(B, Lkp, K * D) for x in (k, v))
-        segq_p, segk_p = _pad(segq, Lqp, value=_PAD_Q), _pad(segk, Lkp, value=_PAD_KV)
+        q3 = pad_to(q, Lqp, 1).reshape(B, Lqp, H * D)
+        k3, v3 = (pad_to(x, Lkp, 1).reshape(B, Lkp, K * D) for x in (k, v))
+        segq_p, segk_p = pad_to(segq, Lqp, 1, PAD_Q), pad_to(segk, Lkp, 1, PAD_KV)
         row = lambda bh: (lax.div(bh, H), lax.rem(bh, H))  # noqa: E731
         o3, lse = pl.pallas_call(
             functools.partial(_fwd_kernel, scale=scale, bq=bq, bk=bk, nk=Lkp // bk),
@@ -175,11 +160,11 @@ def _attention(scale, interpret):
 
     def backward(q, k, v, segq, segk, off, o, lse, do):
         B, Lq, H, D, Lk, K, G, bq, bk, Lqp, Lkp = shapes(q, k)
-        q3, do3 = (_pad(x, Lqp).reshape(B, Lqp, H * D) for x in (q, do))
-        k3, v3 = (_pad(x, Lkp).reshape(B, Lkp, K * D) for x in (k, v))
-        segq_p, segk_p = _pad(segq, Lqp, value=_PAD_Q), _pad(segk, Lkp, value=_PAD_KV)
+        q3, do3 = (pad_to(x, Lqp, 1).reshape(B, Lqp, H * D) for x in (q, do))
+        k3, v3 = (pad_to(x, Lkp, 1).reshape(B, Lkp, K * D) for x in (k, v))
+        segq_p, segk_p = pad_to(segq, Lqp, 1, PAD_Q), pad_to(segk, Lkp, 1, PAD_KV)
         delta = jnp.einsum("blhd,blhd->bhl", o.astype(jnp.float32), do.astype(jnp.float32))
-        delta = _pad(delta, Lqp, axis=2)
+        delta = pad_to(delta, Lqp, 2)
         off1 = off.reshape(1)
         row = lambda bh: (lax.div(bh, H), lax.rem(bh, H))  # noqa: E731
         kv_of = lambda bh: lax.div(row(bh)[1], G)  # noqa: E731
@@ -219,31 +204,12 @@ def _attention(scale, interpret):
         unpad = lambda x3, L, n: x3.reshape(B, -1, n, D)[:, :L]  # noqa: E731
         return unpad(dq3, Lq, H), unpad(dk3, Lk, K), unpad(dv3, Lk, K)
 
-    @jax.custom_vjp
-    def attention(q, k, v, segq, segk, off):
-        return forward(q, k, v, segq, segk, off)[0]
-
-    def fwd(q, k, v, segq, segk, off):
-        o, lse = forward(q, k, v, segq, segk, off)
-        return o, (q, k, v, segq, segk, off, o, lse)
-
-    def bwd(res, do):
-        q, k, v, segq, segk, off, o, lse = res
-        dq, dk, dv = backward(q, k, v, segq, segk, off, o, lse, do.astype(q.dtype))
-        zero = lambda x: np.zeros(x.shape, jax.dtypes.float0)  # noqa: E731
-        return dq, dk, dv, zero(segq), zero(segk), zero(off)
-
-    attention.defvjp(fwd, bwd)
-    return attention
+    return with_vjp(forward, backward)
 
 
 def flash_attention_gpu(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, segment_ids_BxL=None, kv_segment_ids_BxS=None, *, scale,
                         q_offset=0, interpret=False):
     """Causal GQA attention of queries at global positions q_offset + i (q_offset may be traced) over keys at
     positions 0 .. S-1; output [B, L, H, D] in q's dtype, differentiable in q, k, v."""
-    B, L = q_BxLxHxD.shape[:2]
-    S = k_BxSxKxD.shape[1]
-    segq = jnp.zeros((B, L), jnp.int32) if segment_ids_BxL is None else segment_ids_BxL.astype(jnp.int32)
-    segk = jnp.zeros((B, S), jnp.int32) if kv_segment_ids_BxS is None else kv_segment_ids_BxS.astype(jnp.int32)
-    off = jnp.asarray(q_offset, jnp.int32)
-    return _attention(float(scale), interpret)(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, segq, segk, off)
+    return call(_attention(float(scale), interpret), q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, segment_ids_BxL,
+                kv_segment_ids_BxS, q_offset)

@@ -23,23 +23,16 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.softmax_attention.flash_common import MASKED, PAD_KV, PAD_Q, call, dot, pad_to, with_vjp
+
 BLOCK = 128   # query and key tile (one lane width: scores and the replicated row stats share a shape)
 LANES = 128
 SUBLANES = 8
-MASKED = -1e30
-_PAD_Q = np.iinfo(np.int32).min
-_PAD_KV = np.iinfo(np.int32).min + 1
 VMEM_LIMIT_BYTES = 32 * 1024 * 1024
-
-
-def _dot(a, b, contract):
-    prec = lax.Precision.HIGHEST if a.dtype == jnp.float32 else lax.Precision.DEFAULT
-    return lax.dot_general(a, b, (contract, ((), ())), precision=prec, preferred_element_type=jnp.float32)
 
 
 def _to_width(x_bqx128, n):
@@ -62,7 +55,7 @@ def _first_q_block(off, j):
 
 
 def _scores(q, k, segq_ref, segk_ref, q_first, k_first, scale):
-    s = _dot(q, k, ((1,), (1,))) * scale
+    s = dot(q, k, ((1,), (1,))) * scale
     q_pos = q_first + lax.broadcasted_iota(jnp.int32, s.shape, 0)
     k_pos = k_first + lax.broadcasted_iota(jnp.int32, s.shape, 1)
     visible = (k_pos <= q_pos) & (segq_ref[...] == segk_ref[0:1, :])
@@ -91,7 +84,7 @@ def _fwd_kernel(off_ref, q_ref, k_ref, v_ref, segq_ref, segk_ref, o_ref, lse_ref
         l_scr[...] = l_scr[...] * corr + jnp.sum(p, axis=1, keepdims=True)
         m_scr[...] = m_new
         D = acc_scr.shape[1]
-        acc_scr[...] = acc_scr[...] * _to_width(corr, D) + _dot(p.astype(v_ref.dtype), v_ref[...], ((1,), (0,)))
+        acc_scr[...] = acc_scr[...] * _to_width(corr, D) + dot(p.astype(v_ref.dtype), v_ref[...], ((1,), (0,)))
 
     @pl.when(j == nk - 1)
     def _():
@@ -116,9 +109,9 @@ def _dq_kernel(off_ref, q_ref, k_ref, v_ref, segq_ref, segk_ref, do_ref, lse_ref
         k = k_ref[...]
         s, visible = _scores(q_ref[...], k, segq_ref, segk_ref, off + i * BLOCK, j * BLOCK, scale)
         p = jnp.where(visible, jnp.exp(s - lse_ref[...]), 0.0)
-        dp = _dot(do_ref[...], v_ref[...], ((1,), (1,)))
+        dp = dot(do_ref[...], v_ref[...], ((1,), (1,)))
         ds = p * (dp - delta_ref[...])
-        dq_scr[...] += _dot(ds.astype(k.dtype), k, ((1,), (0,)))
+        dq_scr[...] += dot(ds.astype(k.dtype), k, ((1,), (0,)))
 
     @pl.when(j == nk - 1)
     def _():
@@ -141,23 +134,15 @@ def _dkv_kernel(off_ref, q_ref, k_ref, v_ref, segq_ref, segk_ref, do_ref, lse_re
         q, do = q_ref[...], do_ref[...]
         s, visible = _scores(q, k_ref[...], segq_ref, segk_ref, off + i * BLOCK, j * BLOCK, scale)
         p = jnp.where(visible, jnp.exp(s - lse_ref[...]), 0.0)
-        dv_scr[...] += _dot(p.T.astype(do.dtype), do, ((1,), (0,)))
-        dp = _dot(do, v_ref[...], ((1,), (1,)))
+        dv_scr[...] += dot(p.T.astype(do.dtype), do, ((1,), (0,)))
+        dp = dot(do, v_ref[...], ((1,), (1,)))
         ds = p * (dp - delta_ref[...])
-        dk_scr[...] += _dot(ds.T.astype(q.dtype), q, ((1,), (0,)))
+        dk_scr[...] += dot(ds.T.astype(q.dtype), q, ((1,), (0,)))
 
     @pl.when(t == steps - 1)
     def _():
         dk_ref[...] = (dk_scr[...] * scale).astype(dk_ref.dtype)
         dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
-
-
-def _pad(x, L, axis, value=0):
-    if x.shape[axis] == L:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, L - x.shape[axis])
-    return jnp.pad(x, widths, constant_values=value)
 
 
 def _params(semantics):
@@ -171,10 +156,10 @@ def _attention(scale, interpret):
         """[B, heads, Lp, D] operands, padded; segment ids in the kernels' replicated layouts."""
         Lq, Lk = q.shape[1], k.shape[1]
         Lqp, Lkp = -(-Lq // BLOCK) * BLOCK, -(-Lk // BLOCK) * BLOCK
-        q4 = _pad(q.transpose(0, 2, 1, 3), Lqp, 2)
-        k4, v4 = (_pad(x.transpose(0, 2, 1, 3), Lkp, 2) for x in (k, v))
-        segq3 = jnp.broadcast_to(_pad(segq, Lqp, 1, _PAD_Q)[:, :, None], (q.shape[0], Lqp, LANES))
-        segk3 = jnp.broadcast_to(_pad(segk, Lkp, 1, _PAD_KV)[:, None, :], (q.shape[0], SUBLANES, Lkp))
+        q4 = pad_to(q.transpose(0, 2, 1, 3), Lqp, 2)
+        k4, v4 = (pad_to(x.transpose(0, 2, 1, 3), Lkp, 2) for x in (k, v))
+        segq3 = jnp.broadcast_to(pad_to(segq, Lqp, 1, PAD_Q)[:, :, None], (q.shape[0], Lqp, LANES))
+        segk3 = jnp.broadcast_to(pad_to(segk, Lkp, 1, PAD_KV)[:, None, :], (q.shape[0], SUBLANES, Lkp))
         return q4, k4, v4, segq3, segk3
 
     def q_specs(D, G, nk):
@@ -213,10 +198,10 @@ def _attention(scale, interpret):
         Lk, K = k.shape[1], k.shape[2]
         G = H // K
         q4, k4, v4, segq3, segk3 = layout(q, k, v, segq, segk)
-        do4 = _pad(do.transpose(0, 2, 1, 3), q4.shape[2], 2)
+        do4 = pad_to(do.transpose(0, 2, 1, 3), q4.shape[2], 2)
         nq, nk = q4.shape[2] // BLOCK, k4.shape[2] // BLOCK
         delta = jnp.einsum("blhd,blhd->bhl", o.astype(jnp.float32), do.astype(jnp.float32))
-        delta = jnp.broadcast_to(_pad(delta, q4.shape[2], 2)[..., None], lse.shape)
+        delta = jnp.broadcast_to(pad_to(delta, q4.shape[2], 2)[..., None], lse.shape)
         off1 = off.reshape(1)
         dq4 = pl.pallas_call(
             functools.partial(_dq_kernel, scale=scale, nk=nk),
@@ -257,31 +242,12 @@ def _attention(scale, interpret):
         back = lambda x4, L: x4[:, :, :L].transpose(0, 2, 1, 3)  # noqa: E731
         return back(dq4, Lq), back(dk4, Lk), back(dv4, Lk)
 
-    @jax.custom_vjp
-    def attention(q, k, v, segq, segk, off):
-        return forward(q, k, v, segq, segk, off)[0]
-
-    def fwd(q, k, v, segq, segk, off):
-        o, lse = forward(q, k, v, segq, segk, off)
-        return o, (q, k, v, segq, segk, off, o, lse)
-
-    def bwd(res, do):
-        q, k, v, segq, segk, off, o, lse = res
-        dq, dk, dv = backward(q, k, v, segq, segk, off, o, lse, do.astype(q.dtype))
-        zero = lambda x: np.zeros(x.shape, jax.dtypes.float0)  # noqa: E731
-        return dq, dk, dv, zero(segq), zero(segk), zero(off)
-
-    attention.defvjp(fwd, bwd)
-    return attention
+    return with_vjp(forward, backward)
 
 
 def flash_attention_tpu(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, segment_ids_BxL=None, kv_segment_ids_BxS=None, *, scale,
                         q_offset=0, interpret=False):
     """Causal GQA attention of queries at global positions q_offset + i (q_offset may be traced) over keys at
     positions 0 .. S-1; output [B, L, H, D] in q's dtype, differentiable in q, k, v."""
-    B, L = q_BxLxHxD.shape[:2]
-    S = k_BxSxKxD.shape[1]
-    segq = jnp.zeros((B, L), jnp.int32) if segment_ids_BxL is None else segment_ids_BxL.astype(jnp.int32)
-    segk = jnp.zeros((B, S), jnp.int32) if kv_segment_ids_BxS is None else kv_segment_ids_BxS.astype(jnp.int32)
-    off = jnp.asarray(q_offset, jnp.int32)
-    return _attention(float(scale), interpret)(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, segq, segk, off)
+    return call(_attention(float(scale), interpret), q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, segment_ids_BxL,
+                kv_segment_ids_BxS, q_offset)
