@@ -191,7 +191,7 @@ def _attention(scale, interpret):
                        jax.ShapeDtypeStruct((B, H, q4.shape[2], LANES), jnp.float32)],
             compiler_params=_params(("parallel", "parallel", "parallel", "arbitrary")), interpret=interpret,
         )(off.reshape(1), q4, k4, v4, segq3, segk3)
-        return o4[:, :, :Lq].transpose(0, 2, 1, 3), lse
+        return o4[:, :, :Lq].transpose(0, 2, 1, 3), lse[..., 0]  # one lane kept: the residual is [B, H, Lqp]
 
     def backward(q, k, v, segq, segk, off, o, lse, do):
         B, Lq, H, D = q.shape
@@ -201,6 +201,7 @@ def _attention(scale, interpret):
         do4 = pad_to(do.transpose(0, 2, 1, 3), q4.shape[2], 2)
         nq, nk = q4.shape[2] // BLOCK, k4.shape[2] // BLOCK
         delta = jnp.einsum("blhd,blhd->bhl", o.astype(jnp.float32), do.astype(jnp.float32))
+        lse = jnp.broadcast_to(lse[..., None], (*lse.shape, LANES))
         delta = jnp.broadcast_to(pad_to(delta, q4.shape[2], 2)[..., None], lse.shape)
         off1 = off.reshape(1)
         dq4 = pl.pallas_call(
