@@ -50,46 +50,17 @@ flags.DEFINE_string("compilation_cache", os.path.join(os.path.expanduser("~"), "
                     "persistent XLA compilation cache directory ('' turns it off)")
 
 
-def build_configs(config):
-    """(RLConfig, OptimizerConfig, LoopConfig, WarmupConfig) of the experiment config, validated."""
-    from m1_jax.rl.loop import LoopConfig, default_eval_split
-    from m1_jax.rl.trainer import RLConfig
-    from m1_jax.rl.warmup import WarmupConfig
-    from m1_jax.train.optimizer import OptimizerConfig
-
-    rl = RLConfig(**config.rl.to_dict())
-    # A constant learning rate: the run's length does not enter the optimizer config (which resume checks), so a
-    # finished run can be extended by rerunning with a larger loop.steps.
-    ocfg = OptimizerConfig(learning_rate=config.optimizer.learning_rate, schedule="constant", warmup_steps=0,
-                           total_steps=1, weight_decay=0.0, clip_norm=config.optimizer.clip_norm)
-    loop = config.loop.to_dict()
-    if loop["eval_split"] == "auto":
-        loop["eval_split"] = default_eval_split(loop["task"])
-    lc = LoopConfig(**loop)
-    w = config.warmup
-    wc = WarmupConfig(task=lc.task, seed=lc.data_seed, max_steps=w.max_steps, learning_rate=w.learning_rate,
-                      target_accuracy=w.target_accuracy, target_metric=w.target_metric, eval_every=w.eval_every,
-                      max_new_tokens=rl.max_new_tokens, seq_len=rl.max_prompt_len + rl.max_new_tokens,
-                      num_eval=lc.num_eval, eval_split=lc.eval_split,
-                      eval_samples=max(lc.eval_samples, 1), temperature=rl.temperature)
-    rl.validate()
-    ocfg.validate()
-    lc.validate()
-    return rl, ocfg, lc, wc
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     import jax
 
     from m1_jax import sharding as sharding_lib
-    from m1_jax.config import get_config
     from m1_jax.data import load_tokenizer
     from m1_jax.data.tasks import TASKS
     from m1_jax.rl import warmup as warmup_lib
+    from m1_jax.rl.experiment import build_configs, experiment_model
     from m1_jax.rl.loop import check_mesh, format_eval, run_rl
-    from m1_jax.train import checkpoint as ckpt_lib
 
     from m1_jax.train import distributed
     multi_host = distributed.maybe_initialize(FLAGS.distributed)  # before any backend use
@@ -105,15 +76,9 @@ def main(argv):
         print(f"error: unknown config.loop.task={config.loop.task}; choose from {sorted(TASKS)}", file=sys.stderr)
         sys.exit(2)
     tokenizer = load_tokenizer("byte")
-    overrides = {"fp32_lm_head": config.model.fp32_lm_head,
-                 **({"dtype": config.model.dtype} if config.model.dtype else {})}
     try:
         rl, ocfg, lc, wc = build_configs(config)
-        if config.init_checkpoint:
-            cfg, params = ckpt_lib.load_params(config.init_checkpoint)
-            cfg = cfg.replace(**overrides)
-        else:
-            cfg = get_config(config.model.preset, **overrides)
+        cfg, params = experiment_model(config)
         # Default: one device on one host; every device of every host (data parallel) on several.
         one_device = FLAGS.mesh is None and jax.process_count() == 1
         mesh = sharding_lib.make_mesh(FLAGS.mesh, jax.devices()[:1] if one_device else None,
@@ -122,16 +87,11 @@ def main(argv):
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    warm_dir = os.path.join(FLAGS.workdir, "warm_start")
 
     def init():
-        if config.init_checkpoint:
+        if params is not None:
             return params
-        if os.path.isdir(warm_dir):
-            return ckpt_lib.load_params(warm_dir, cfg)[1]
-        warm, _ = warmup_lib.sft_warmup(cfg, tokenizer, wc, log_fn=print)
-        warmup_lib.save_params(warm_dir, cfg, warm)
-        return warm
+        return warmup_lib.warm_start(cfg, tokenizer, wc, os.path.join(FLAGS.workdir, "warm_start"), log_fn=print)
 
     print(f"workdir: {FLAGS.workdir}; mesh {dict(mesh.shape)}", flush=True)
     result = run_rl(cfg, rl, ocfg, lc, FLAGS.workdir, tokenizer, init_params=init, mesh=mesh, log_fn=print)

@@ -11,6 +11,9 @@
 
 import dataclasses
 import functools
+import os
+
+import chex
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +26,7 @@ from m1_jax.model import MiniMaxM1, init_params
 from m1_jax.rl import loop as loop_lib
 from m1_jax.rl import rollout as rollout_lib
 from m1_jax.rl import trainer as trainer_lib
+from m1_jax.rl.experiment import build_configs
 from m1_jax.rl.losses import POLICY_LOSSES
 from m1_jax.rl import warmup as warmup_lib
 from m1_jax.rl.warmup import WarmupConfig, sft_warmup
@@ -230,6 +234,21 @@ def format_params():
     return sft_warmup(cfg, TOK, wc, log_fn=lambda s: None)[0]
 
 
+def test_warm_start_trains_once_then_loads(tmp_path, monkeypatch):
+    """warm_start runs the SFT warm-up and saves it; a second call loads those params and trains nothing."""
+    wc = WarmupConfig(task="mod_sum", max_steps=2, batch_size=4, seq_len=16, eval_every=2, target_accuracy=1.1,
+                      num_eval=2, max_new_tokens=3, eval_split="train", target_metric="greedy")
+    directory = str(tmp_path / "warm_start")
+    trained = warmup_lib.warm_start(CFG, TOK, wc, directory, log_fn=lambda s: None)
+    assert os.path.isdir(directory)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("warm_start trained again although its folder holds params")
+    monkeypatch.setattr(warmup_lib, "sft_warmup", no_training)
+    loaded = warmup_lib.warm_start(CFG, TOK, wc, directory)
+    chex.assert_trees_all_equal(loaded, trained)
+
+
 def _records(workdir):
     # A step re-run after a kill overwrites its first record.
     return {rec["step"]: rec for rec in read_metrics(str(workdir))}
@@ -306,24 +325,23 @@ def _load_experiment(relpath, name):
 
 
 def test_rl_py_config_holds_every_field_once():
-    """experiments/rl.py reads every RL setting from its ml_collections config: each RLConfig and LoopConfig
+    """experiments/rl.py (and compare_rl.py) read every RL setting from its ml_collections config: each RLConfig and LoopConfig
     field is there under its own name (typed placeholders for the None defaults), and the built configs are the
     dataclasses' own defaults apart from the experiment's choices."""
     import dataclasses
     rl_config = _load_experiment("experiments/configs/rl.py", "rl_config")
-    rl_py = _load_experiment("experiments/rl.py", "rl_py")
     c = rl_config.get_config()
     assert set(c.rl) == {f.name for f in dataclasses.fields(trainer_lib.RLConfig)}
     assert set(c.loop) == {f.name for f in dataclasses.fields(loop_lib.LoopConfig)}
-    rl, ocfg, lc, wc = rl_py.build_configs(c)
+    rl, ocfg, lc, wc = build_configs(c)
     assert rl == trainer_lib.RLConfig()
     assert (lc.task, lc.steps, lc.eval_split, wc.task, wc.max_new_tokens) == ("digit_max", 40, "eval", "digit_max", 4)
     c.rl.eps_high, c.rl.algo = 3.0, "dapo"  # a placeholder takes a float
-    assert rl_py.build_configs(c)[0].loss_kwargs()["eps_high"] == 3.0
-    assert rl_py.build_configs(rl_config.get_config("mod_sum"))[2].eval_split == "train"  # auto: 100 problems
+    assert build_configs(c)[0].loss_kwargs()["eps_high"] == 3.0
+    assert build_configs(rl_config.get_config("mod_sum"))[2].eval_split == "train"  # auto: 100 problems
     # The long-trace task's sizes hold its problems: prompt within the prompt width, solution + EOS within the
     # response budget, and the SFT row within seq_len.
-    rl, _, _, wc = rl_py.build_configs(rl_config.get_config("running_sum"))
+    rl, _, _, wc = build_configs(rl_config.get_config("running_sum"))
     tok = load_tokenizer("byte")
     for ex in sources.train_examples(50, seed=3, task_weights={"running_sum": 1.0}):
         assert 1 + len(tok.encode(ex.prompt)) <= rl.max_prompt_len
@@ -332,4 +350,4 @@ def test_rl_py_config_holds_every_field_once():
     c = rl_config.get_config()
     c.rl.prompts_per_step = 30  # not divisible by mu = 4
     with pytest.raises(ValueError, match="divisible by mu"):
-        rl_py.build_configs(c)
+        build_configs(c)

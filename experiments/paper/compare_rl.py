@@ -1,42 +1,39 @@
 """CISPO vs DAPO vs GRPO from one warm start, several seeds each: eval accuracy against RL steps.
 
-  python experiments/paper/compare_rl.py --workdir=/tmp/compare_rl --steps=80 --seeds=3
-Writes WORKDIR/compare_rl.png (sampled avg@k and greedy accuracy, mean and per seed) and prints a markdown
-table: accuracy at the start and the end, the first eval step each run reaches the target (start accuracy +
---target_gain, or --target), and each algorithm's mean steps-to-target divided by CISPO's (reported whichever
-algorithm wins). Each run lives in WORKDIR/<algo>_seed<k> and resumes if interrupted; the warm start is
-WORKDIR/warm_start (or --init_checkpoint). All runs share the eval problems and the eval sampling keys.
+  python experiments/paper/compare_rl.py --config=experiments/configs/rl.py:digit_count \
+      --config.loop.steps=80 --workdir=/tmp/compare_dc
+  python experiments/paper/compare_rl.py --config=experiments/configs/rl.py:running_sum --workdir=/tmp/compare_rs
+
+Every run setting (task, steps, prompts x G, mu, lr, eval, the SFT warm-up, init_checkpoint) comes from the RL
+experiment config that experiments/rl.py reads (experiments/configs/rl.py, overridden with --config.SECTION.FIELD);
+each algorithm runs it with its own clip defaults and each seed with its own sampling seed (loop.seed). Writes
+WORKDIR/compare_rl.png (sampled avg@k and greedy accuracy, reward, clipped and gradient-zeroed token fractions;
+mean over seeds with a +-1 std band) and prints two markdown tables: accuracy at the start and the end, the first
+eval step each run reaches the target (start accuracy + --target_gain, or --target), each algorithm's mean
+steps-to-target divided by CISPO's (reported whichever algorithm wins), and per-step diagnostics. Each run lives
+in WORKDIR/<algo>_seed<k> and resumes if interrupted; the warm start is WORKDIR/warm_start (or
+config.init_checkpoint). All runs share the eval problems and the eval sampling keys.
 """
 
+import dataclasses
 import os
 import time
 
 from absl import app, flags, logging
+from ml_collections import config_flags
 import numpy as np
 
 FLAGS = flags.FLAGS
+_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "rl.py")
+config_flags.DEFINE_config_file("config", _CONFIG + ":digit_count", "RL experiment config (as experiments/rl.py)")
 flags.DEFINE_string("workdir", "/tmp/compare_rl", "output dir")
-flags.DEFINE_string("init_checkpoint", None, "warm start (default: SFT warm-up saved to WORKDIR/warm_start)")
-flags.DEFINE_string("task", "digit_count", "task")
 flags.DEFINE_list("algos", ["cispo", "dapo", "grpo"], "algorithms")
-flags.DEFINE_integer("seeds", 3, "sampling seeds per algorithm")
-flags.DEFINE_integer("steps", 80, "RL steps per run")
-flags.DEFINE_integer("group_size", 8, "G")
-flags.DEFINE_integer("prompts_per_step", 32, "prompts per rollout")
-flags.DEFINE_integer("mu", 4, "minibatches per rollout (mu > 1 makes the algorithms differ, rl.md §6.9)")
-flags.DEFINE_float("lr", 3e-4, "learning rate")
-flags.DEFINE_float("cispo_eps_high", 4.0, "CISPO cap offset (cap = 1 + eps_high)")
+flags.DEFINE_integer("seeds", 3, "sampling seeds per algorithm (loop.seed = 0 .. seeds - 1)")
+flags.DEFINE_float("cispo_eps_high", None, "CISPO cap offset (cap = 1 + eps_high); default the algorithm's (4.0)")
 flags.DEFINE_bool("dapo_dynamic_sampling", True, "DAPO with dynamic sampling")
-flags.DEFINE_integer("num_eval", 256, "eval problems")
-flags.DEFINE_integer("eval_samples", 8, "k of the sampled avg@k eval")
-flags.DEFINE_integer("eval_every", 10, "eval every N steps")
 flags.DEFINE_enum("metric", "sampled", ["sampled", "greedy"], "accuracy the target and the ratio are computed on")
 flags.DEFINE_float("target", None, "absolute accuracy target (default: start accuracy + --target_gain)")
 flags.DEFINE_float("target_gain", 0.08, "target = accuracy of the warm start + this")
-flags.DEFINE_integer("max_new_tokens", 4, "response budget")
-flags.DEFINE_integer("max_prompt_len", 32, "prompt width in tokens (BOS included)")
-flags.DEFINE_float("warmup_target", 0.3, "SFT warm-up target (sampled accuracy)")
-flags.DEFINE_integer("warmup_max_steps", 1500, "SFT warm-up step limit")
 flags.DEFINE_string("plot", None, "plot path (default WORKDIR/compare_rl.png)")
 
 COLORS = {"cispo": "tab:red", "dapo": "tab:blue", "grpo": "tab:green"}
@@ -53,34 +50,33 @@ def _fmt(x, digits=3):
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
-def run_all(cfg, warm, tok, split):
-    """Runs every (algo, seed); returns ({(algo, seed): {step: eval record}}, {(algo, seed): {step: step record}})."""
-    from m1_jax.rl.loop import LoopConfig, run_rl
-    from m1_jax.rl.trainer import RLConfig
-    from m1_jax.train.metrics import read_metrics
-    from m1_jax.train.optimizer import OptimizerConfig
+def algo_config(rl, algo):
+    """The experiment's RLConfig for one algorithm (clip offsets left unset take the algorithm's defaults)."""
+    extra = {}
+    if algo == "cispo" and FLAGS.cispo_eps_high is not None:
+        extra["eps_high"] = FLAGS.cispo_eps_high
+    if algo == "dapo":
+        extra["dynamic_sampling"] = FLAGS.dapo_dynamic_sampling
+    return dataclasses.replace(rl, algo=algo, **extra)
 
-    ocfg = OptimizerConfig(learning_rate=FLAGS.lr, schedule="constant", warmup_steps=0,
-                           total_steps=FLAGS.steps * FLAGS.mu, weight_decay=0.0)
+
+def run_all(cfg, warm, tok, rl, ocfg, lc):
+    """Runs every (algo, seed); returns ({(algo, seed): {step: eval record}}, {(algo, seed): {step: step record}})."""
+    from m1_jax.rl.loop import run_rl
+    from m1_jax.train.metrics import read_metrics
+
     runs, steps_by_run = {}, {}
+    key = f"{'eval' if lc.eval_split == 'train' else 'heldout'}_sampled_accuracy"
     for algo in FLAGS.algos:
-        extra = {"eps_high": FLAGS.cispo_eps_high} if algo == "cispo" else {}
-        if algo == "dapo":
-            extra["dynamic_sampling"] = FLAGS.dapo_dynamic_sampling
-        rl = RLConfig(algo=algo, group_size=FLAGS.group_size, prompts_per_step=FLAGS.prompts_per_step, mu=FLAGS.mu,
-                      max_new_tokens=FLAGS.max_new_tokens, max_prompt_len=FLAGS.max_prompt_len, **extra)
         for seed in range(FLAGS.seeds):
-            lc = LoopConfig(task=FLAGS.task, steps=FLAGS.steps, seed=seed, eval_split=split, num_eval=FLAGS.num_eval,
-                            eval_samples=FLAGS.eval_samples, eval_every=FLAGS.eval_every,
-                            checkpoint_every=FLAGS.eval_every)
             wd = os.path.join(FLAGS.workdir, f"{algo}_seed{seed}")
             t0 = time.time()
-            run_rl(cfg, rl, ocfg, lc, wd, tok, init_params=lambda: warm, log_fn=lambda s: None)
+            run_rl(cfg, algo_config(rl, algo), ocfg, dataclasses.replace(lc, seed=seed), wd, tok,
+                   init_params=lambda: warm, log_fn=lambda line: print(f"{algo} seed {seed}: {line}", flush=True))
             recs = {r["step"]: r for r in read_metrics(wd)}
             runs[(algo, seed)] = {s: r for s, r in sorted(recs.items()) if any(k.endswith("_accuracy") and
                                                                                 k != "accuracy" for k in r)}
             steps_by_run[(algo, seed)] = {s: r for s, r in sorted(recs.items()) if "clip_fraction" in r}
-            key = f"{'eval' if split == 'train' else 'heldout'}_sampled_accuracy"
             print(f"{algo} seed {seed}: {key} " + " ".join(f"{s}:{r.get(key, float('nan')):.2f}"
                                                            for s, r in runs[(algo, seed)].items()) +
                   f"  ({time.time() - t0:.0f}s)", flush=True)
@@ -104,7 +100,7 @@ def _band(ax, steps, per_seed, color, label, smooth=1):
     ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2, lw=0)
 
 
-def plot(runs, steps_by_run, prefix, path):
+def plot(runs, steps_by_run, prefix, path, rl, lc):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -113,8 +109,8 @@ def plot(runs, steps_by_run, prefix, path):
         key = f"{prefix}_sampled_accuracy" if kind == "sampled" else f"{prefix}_accuracy"
         for algo in FLAGS.algos:
             _band(ax, *curves(runs, algo, key), COLORS.get(algo), algo)
-        label = f"avg@{FLAGS.eval_samples} at T=1" if kind == "sampled" else "greedy"
-        ax.set_ylabel(f"{prefix} accuracy ({label}, {FLAGS.num_eval} problems)")
+        label = f"avg@{lc.eval_samples} at T={rl.temperature:g}" if kind == "sampled" else "greedy"
+        ax.set_ylabel(f"{prefix} accuracy ({label}, {lc.num_eval} problems)")
         ax.legend()
     reward_ax, clip_ax = axes[1]
     for algo in FLAGS.algos:
@@ -128,8 +124,9 @@ def plot(runs, steps_by_run, prefix, path):
     clip_ax.legend(fontsize=8)
     for ax in axes[1]:
         ax.set_xlabel("RL step")
-    fig.suptitle(f"{FLAGS.task}: {FLAGS.seeds} seeds each (band: +-1 std), {FLAGS.prompts_per_step} prompts x "
-                 f"G={FLAGS.group_size}, mu={FLAGS.mu}, lr {FLAGS.lr:g}, up to {FLAGS.max_new_tokens} new tokens")
+    fig.suptitle(f"{lc.task}: {FLAGS.seeds} seeds each (band: +-1 std), {rl.prompts_per_step} prompts x "
+                 f"G={rl.group_size}, mu={rl.mu}, lr {FLAGS.config.optimizer.learning_rate:g}, "
+                 f"up to {rl.max_new_tokens} new tokens")
     fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
@@ -181,35 +178,24 @@ def table(runs, prefix):
 def main(argv):
     del argv
     import jax
-    from m1_jax.config import get_config
     from m1_jax.data import load_tokenizer
     from m1_jax.rl import warmup as warmup_lib
-    from m1_jax.train import checkpoint as ckpt_lib
-    from m1_jax.rl.loop import default_eval_split
+    from m1_jax.rl.experiment import build_configs, experiment_model
 
     jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "m1_jax_xla"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     t_start = time.time()
     tok = load_tokenizer("byte")
-    split = default_eval_split(FLAGS.task)
-    if FLAGS.init_checkpoint:
-        cfg, warm = ckpt_lib.load_params(FLAGS.init_checkpoint)
-    else:
-        cfg = get_config("tiny")
-        warm_dir = os.path.join(FLAGS.workdir, "warm_start")
-        if os.path.isdir(warm_dir):
-            warm = ckpt_lib.load_params(warm_dir, cfg)[1]
-        else:
-            wc = warmup_lib.WarmupConfig(task=FLAGS.task, max_steps=FLAGS.warmup_max_steps, target_accuracy=FLAGS.warmup_target,
-                                         eval_every=25, max_new_tokens=FLAGS.max_new_tokens, eval_split=split,
-                                         seq_len=FLAGS.max_prompt_len + FLAGS.max_new_tokens,
-                                         eval_samples=FLAGS.eval_samples)
-            warm, _ = warmup_lib.sft_warmup(cfg, tok, wc, log_fn=print)
-            warmup_lib.save_params(warm_dir, cfg, warm)
-    runs, steps_by_run = run_all(cfg, warm, tok, split)
-    prefix = "eval" if split == "train" else "heldout"
+    rl, ocfg, lc, wc = build_configs(FLAGS.config)
+    for algo in FLAGS.algos:
+        algo_config(rl, algo).validate()  # before the warm-up
+    cfg, warm = experiment_model(FLAGS.config)
+    if warm is None:
+        warm = warmup_lib.warm_start(cfg, tok, wc, os.path.join(FLAGS.workdir, "warm_start"), log_fn=print)
+    runs, steps_by_run = run_all(cfg, warm, tok, rl, ocfg, lc)
+    prefix = "eval" if lc.eval_split == "train" else "heldout"
     path = FLAGS.plot or os.path.join(FLAGS.workdir, "compare_rl.png")
-    plot(runs, steps_by_run, prefix, path)
+    plot(runs, steps_by_run, prefix, path, rl, lc)
     print(f"\nplot: {path}; wall time {time.time() - t_start:.0f}s\n")
     table(runs, prefix)
     diagnostics_table(steps_by_run)

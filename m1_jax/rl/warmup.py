@@ -10,6 +10,7 @@ temperature) by default, because that is the reward RL sees: a greedy 30% can be
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Callable
 
 from absl import logging
@@ -106,3 +107,13 @@ def sft_warmup(cfg: ModelConfig, tokenizer, wc: WarmupConfig, *, log_fn: Callabl
 def save_params(directory: str, cfg: ModelConfig, params, meta: dict | None = None) -> None:
     """A one-step checkpoint {"params": ...} that `checkpoint.load_params` reads (like experiments/train.py's)."""
     ckpt_lib.save_params(directory, params, dict(meta or {}, model_config=dataclasses.asdict(cfg)))
+
+
+def warm_start(cfg: ModelConfig, tokenizer, wc: WarmupConfig, directory: str, *,
+               log_fn: Callable[[str], None] = logging.info):
+    """The params saved in `directory` by an earlier call, or a fresh `sft_warmup` saved there."""
+    if os.path.isdir(directory):
+        return ckpt_lib.load_params(directory, cfg)[1]
+    params, _ = sft_warmup(cfg, tokenizer, wc, log_fn=log_fn)
+    save_params(directory, cfg, params)
+    return params
