@@ -26,6 +26,7 @@ from m1_jax.train import dry_run
 from m1_jax.train.loss import chunked_cross_entropy
 from pallas_kernels.lightning_attention import reference
 from pallas_kernels.softmax_attention import reference as softmax_reference
+from lowering import lower_text
 
 
 def _segments(rng, B, N, chunk):
@@ -126,8 +127,7 @@ def test_context_parallel_softmax_lowers_to_our_kernels(platform, marker):
     kv = jax.ShapeDtypeStruct((1, 1024, 2, 128), jnp.bfloat16)
     loss = lambda q, k, v: jnp.sum(attention_per_device(q, k, v, scale=0.125).astype(jnp.float32))  # noqa: E731
     with sharding.mesh_context(mesh):
-        text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv).lower(
-            lowering_platforms=(platform,)).as_text()
+        text = lower_text(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), q, kv, kv, platform=platform, mesh=mesh)
     assert text.count(marker) == 3
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.grouped_matmul import api, bucketed, grouped_matmul
+from lowering import lower_text
 
 RNG = np.random.default_rng
 
@@ -93,7 +94,7 @@ def test_auto_picks_the_kernel_of_the_platform_compiled_for():
     sizes = jax.ShapeDtypeStruct((4,), jnp.int32)
     step = jax.jit(jax.value_and_grad(lambda a, b, g: jnp.sum(grouped_matmul(a, b, g).astype(jnp.float32)),
                                       argnums=(0, 1)))
-    text = {p: step.trace(lhs, rhs, sizes).lower(lowering_platforms=(p,)).as_text() for p in ("cuda", "tpu", "cpu")}
+    text = {p: lower_text(step, lhs, rhs, sizes, platform=p) for p in ("cuda", "tpu", "cpu")}
     # Forward, lhs gradient and rhs gradient: three kernels each, none of the other platform's.
     assert text["cuda"].count("__gpu$xla.gpu.triton") == 3 and "tpu_custom_call" not in text["cuda"]
     assert text["tpu"].count("tpu_custom_call") == 3 and "triton" not in text["tpu"]

@@ -16,6 +16,7 @@ from pallas_kernels.lightning_attention import gpu_parallel
 from pallas_kernels.lightning_attention import lightning_attention
 from pallas_kernels.lightning_attention import reference
 from pallas_kernels.lightning_attention import tpu
+from lowering import lower_text
 
 KERNELS = ["pallas_tpu", "pallas_gpu", "pallas_gpu_parallel"]
 
@@ -131,7 +132,7 @@ def _lower_fwd_bwd(impl, platform, dtype, B, N, H, D, block_size):
         return jnp.sum(o.astype(jnp.float32)) + jnp.sum(sf)
 
     fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 4)))
-    return fn.trace(*args).lower(lowering_platforms=(platform,)).as_text()
+    return lower_text(fn, *args, platform=platform)
 
 
 @pytest.mark.parametrize("shape", [(1, 1000, 2, 128, 256), (2, 100, 3, 8, 16)], ids=["M1-heads", "small-heads"])
@@ -290,7 +291,7 @@ def test_auto_picks_the_kernel_of_the_platform_compiled_for():
     decay = jnp.asarray([0.1, 0.2], jnp.float32)
     fn = jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(lightning_attention(q, k, v, decay, block_size=16)),
                                     argnums=(0, 1, 2)))
-    text = {p: fn.trace(q, q, q).lower(lowering_platforms=(p,)).as_text() for p in ("tpu", "cuda", "cpu")}
+    text = {p: lower_text(fn, q, q, q, platform=p) for p in ("tpu", "cuda", "cpu")}
     assert "tpu_custom_call" in text["tpu"] and "triton" not in text["tpu"]
     assert "__gpu$xla.gpu.triton" in text["cuda"] and "tpu_custom_call" not in text["cuda"]
     assert "tpu_custom_call" not in text["cpu"] and "triton" not in text["cpu"]

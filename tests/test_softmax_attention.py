@@ -15,6 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from m1_jax import sharding
 from m1_jax.layers.softmax_attention import attention_per_device
 from pallas_kernels.softmax_attention import softmax_attention
+from lowering import lower_text
 
 
 def _inputs(seed, B, L, H, K, D, dtype=jnp.float32, segments=True):
@@ -67,7 +68,7 @@ def test_auto_picks_the_kernel_of_the_platform_compiled_for():
     seg = jax.ShapeDtypeStruct((1, 256), jnp.int32)
     loss = lambda q, k, v, s: jnp.sum(softmax_attention(q, k, v, s, scale=0.1).astype(jnp.float32))  # noqa: E731
     fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
-    text = {p: fn.trace(q, kv, kv, seg).lower(lowering_platforms=(p,)).as_text() for p in ("tpu", "cuda", "cpu")}
+    text = {p: lower_text(fn, q, kv, kv, seg, platform=p) for p in ("tpu", "cuda", "cpu")}
     assert "tpu_custom_call" in text["tpu"] and "triton" not in text["tpu"]
     assert "__gpu$xla.gpu.triton" in text["cuda"] and "tpu_custom_call" not in text["cuda"]
     assert "tpu_custom_call" not in text["cpu"] and "triton" not in text["cpu"]
@@ -190,7 +191,7 @@ def _offset_kernel_grad(platform):
                                                       ("tpu", "tpu", "tpu_custom_call")])
 def test_offset_flash_kernel_lowers(platform, lowering, marker):
     fn, args = _offset_kernel_grad(platform)
-    assert fn.trace(*args).lower(lowering_platforms=(lowering,)).as_text().count(marker) == 3  # fwd, dq, dk/dv
+    assert lower_text(fn, *args, platform=lowering).count(marker) == 3  # fwd, dq, dk/dv
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (pip install -e .[tpu])")
