@@ -14,7 +14,6 @@ import functools
 import os
 
 import chex
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -325,8 +324,8 @@ def _load_experiment(relpath, name):
 
 
 def test_rl_py_config_holds_every_field_once():
-    """experiments/rl.py (and compare_rl.py) read every RL setting from its ml_collections config: each RLConfig and LoopConfig
-    field is there under its own name (typed placeholders for the None defaults), and the built configs are the
+    """experiments/rl.py and compare_rl.py read every RL setting from the ml_collections config: each RLConfig and
+    LoopConfig field is there under its own name (typed placeholders for the None defaults), and the built configs are the
     dataclasses' own defaults apart from the experiment's choices."""
     import dataclasses
     rl_config = _load_experiment("experiments/configs/rl.py", "rl_config")
@@ -339,14 +338,15 @@ def test_rl_py_config_holds_every_field_once():
     c.rl.eps_high, c.rl.algo = 3.0, "dapo"  # a placeholder takes a float
     assert build_configs(c)[0].loss_kwargs()["eps_high"] == 3.0
     assert build_configs(rl_config.get_config("mod_sum"))[2].eval_split == "train"  # auto: 100 problems
-    # The long-trace task's sizes hold its problems: prompt within the prompt width, solution + EOS within the
-    # response budget, and the SFT row within seq_len.
-    rl, _, _, wc = build_configs(rl_config.get_config("running_sum"))
+    # The worked-solution tasks' sizes hold their problems: prompt within the prompt width, solution + EOS within
+    # the response budget (running_sum's take 200 or more), and the SFT row within seq_len.
     tok = load_tokenizer("byte")
-    for ex in sources.train_examples(50, seed=3, task_weights={"running_sum": 1.0}):
-        assert 1 + len(tok.encode(ex.prompt)) <= rl.max_prompt_len
-        assert 200 <= len(tok.encode(ex.solution)) + 1 <= rl.max_new_tokens
-        warmup_lib.sft_batch(tok, [ex], wc.seq_len)  # raises if the row does not fit
+    for task, shortest in (("addition", 30), ("running_sum", 200)):
+        rl, _, _, wc = build_configs(rl_config.get_config(task))
+        for ex in sources.train_examples(200, seed=3, task_weights={task: 1.0}):
+            assert 1 + len(tok.encode(ex.prompt)) <= rl.max_prompt_len
+            assert shortest <= len(tok.encode(ex.solution)) + 1 <= rl.max_new_tokens
+            warmup_lib.sft_batch(tok, [ex], wc.seq_len)  # raises if the row does not fit
     c = rl_config.get_config()
     c.rl.prompts_per_step = 30  # not divisible by mu = 4
     with pytest.raises(ValueError, match="divisible by mu"):

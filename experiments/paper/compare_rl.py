@@ -2,7 +2,8 @@
 
   python experiments/paper/compare_rl.py --config=experiments/configs/rl.py:digit_count \
       --config.loop.steps=80 --workdir=/tmp/compare_dc
-  python experiments/paper/compare_rl.py --config=experiments/configs/rl.py:running_sum --workdir=/tmp/compare_rs
+  python experiments/paper/compare_rl.py --config=experiments/configs/rl.py:addition --config.rl.mu=8 \
+      --workdir=/tmp/compare_add   # worked solutions of 36-108 tokens
 
 Every run setting (task, steps, prompts x G, mu, lr, eval, the SFT warm-up, init_checkpoint) comes from the RL
 experiment config that experiments/rl.py reads (experiments/configs/rl.py, overridden with --config.SECTION.FIELD);
@@ -44,10 +45,6 @@ def steps_to_target(steps, accs, target):
         if a >= target:
             return s
     return None
-
-
-def _fmt(x, digits=3):
-    return "n/a" if x is None else f"{x:.{digits}f}"
 
 
 def algo_config(rl, algo):
