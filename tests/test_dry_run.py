@@ -48,6 +48,7 @@ def test_dry_run_numbers_against_hand_count():
     assert out["depths"] == [G]
 
 
+@pytest.mark.slow
 def test_train_py_dry_run_fakes_devices_and_prints_table():
     # 16 devices > the 8 of this test process: train.py must fake them before importing jax.
     cmd = [sys.executable, os.path.join(REPO, "experiments", "train.py"), "--mesh=4x4", "--dry_run",

@@ -166,8 +166,8 @@ def test_chunked_grads_with_segments_and_bf16():
     q, k, v, s0 = make_inputs(9, B, N, H, K, V, dtype=jnp.bfloat16, with_state=True)
     seg = jnp.asarray(random_segments(np.random.default_rng(3), B, N, 3))
     decay = decay_for("mixed", H)
-    g_chunk = jax.grad(functools.partial(loss_fn, "chunked"), argnums=(0, 1, 2, 3))(q, k, v, s0, decay, seg)
-    g_ref = jax.grad(functools.partial(loss_fn, "reference"), argnums=(0, 1, 2, 3))(q, k, v, s0, decay, seg)
+    g_chunk = jax.jit(jax.grad(functools.partial(loss_fn, "chunked"), argnums=(0, 1, 2, 3)))(q, k, v, s0, decay, seg)
+    g_ref = jax.jit(jax.grad(functools.partial(loss_fn, "reference"), argnums=(0, 1, 2, 3)))(q, k, v, s0, decay, seg)
     for name, gc, gr in zip(("dq", "dk", "dv", "ds0"), g_chunk, g_ref):
         assert rel_err(gc, gr) < 2e-2, name
 
@@ -176,7 +176,8 @@ def test_decay_gradient_finite_at_large_decay():
     # lambda * N ~ 1e4: the decay's own gradient must not be NaN either (masked exponents).
     q, k, v, s0 = make_inputs(11, 1, 330, 2, 8, 8, with_state=True)
     decay = jnp.asarray([30.0, 30.0], jnp.float32)
-    g = jax.grad(functools.partial(loss_fn, "chunked", block_size=64), argnums=(0, 1, 2, 3, 4))(q, k, v, s0, decay)
+    grad = jax.jit(jax.grad(functools.partial(loss_fn, "chunked", block_size=64), argnums=(0, 1, 2, 3, 4)))
+    g = grad(q, k, v, s0, decay)
     for x in g:
         assert np.all(np.isfinite(x))
 

@@ -105,10 +105,11 @@ def test_blockwise_attention_gradients_against_dense(L, bq, bk, segments):
                                                  block_kv=bk)
     blockwise = lambda q, k, v: jnp.sum(w * attend(q, k, v))
     dense = lambda q, k, v: jnp.sum(w * _dense_attention(q, k, v, seg, D ** -0.5))
-    np.testing.assert_allclose(np.asarray(attend(q, k, v)), np.asarray(_dense_attention(q, k, v, seg, D ** -0.5)),
+    np.testing.assert_allclose(np.asarray(jax.jit(attend)(q, k, v)),
+                               np.asarray(_dense_attention(q, k, v, seg, D ** -0.5)),
                                rtol=1e-5, atol=1e-5)
-    got = jax.grad(blockwise, argnums=(0, 1, 2))(q, k, v)
-    want = jax.grad(dense, argnums=(0, 1, 2))(q, k, v)
+    got = jax.jit(jax.grad(blockwise, argnums=(0, 1, 2)))(q, k, v)
+    want = jax.jit(jax.grad(dense, argnums=(0, 1, 2)))(q, k, v)
     for g, r in zip(got, want):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-4)
 
@@ -173,7 +174,7 @@ def test_model_outputs_and_aux():
     cfg = get_config("tiny")
     params = init_params(cfg, jax.random.key(0))
     tokens = RNG(4).integers(0, cfg.vocab_size, (2, 70))
-    logits, aux = MiniMaxM1(cfg).apply({"params": params}, tokens)
+    logits, aux = jax.jit(MiniMaxM1(cfg).apply)({"params": params}, tokens)
     assert logits.shape == (2, 70, cfg.vocab_size) and logits.dtype == jnp.float32
     assert np.isfinite(np.asarray(logits)).all()
     counts = np.asarray(aux["expert_counts"])
@@ -195,7 +196,7 @@ def test_causality_and_packing():
     packed = np.concatenate([a, b], 1)
     seg = np.concatenate([np.ones((1, 30), int), 2 * np.ones((1, 20), int)], 1)
     pos = np.concatenate([np.arange(30), np.arange(20)])[None]
-    out = np.asarray(MiniMaxM1(cfg).apply({"params": params}, packed, seg, pos)[0])
+    out = np.asarray(jax.jit(MiniMaxM1(cfg).apply)({"params": params}, packed, seg, pos)[0])
     np.testing.assert_allclose(out[0, :30], np.asarray(apply(a))[0], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(out[0, 30:], np.asarray(apply(b))[0], rtol=1e-4, atol=1e-4)
 
@@ -204,8 +205,8 @@ def test_bf16_compute_close_to_fp32():
     cfg = get_config("tiny")
     params = init_params(cfg, jax.random.key(2))
     tokens = RNG(7).integers(0, cfg.vocab_size, (2, 40))
-    ref = np.asarray(MiniMaxM1(cfg).apply({"params": params}, tokens)[0])
-    out = np.asarray(MiniMaxM1(cfg.replace(dtype="bfloat16")).apply({"params": params}, tokens)[0])
+    ref = np.asarray(jax.jit(MiniMaxM1(cfg).apply)({"params": params}, tokens)[0])
+    out = np.asarray(jax.jit(MiniMaxM1(cfg.replace(dtype="bfloat16")).apply)({"params": params}, tokens)[0])
     assert np.max(np.abs(out - ref)) / np.max(np.abs(ref)) < 5e-2
 
 
@@ -227,8 +228,9 @@ def test_gradients_finite_with_remat():
         logits, aux = MiniMaxM1(c).apply({"params": p}, tokens)
         return jnp.mean(jax.nn.logsumexp(logits, -1)) + 1e-3 * aux["moe_aux_loss"]
 
-    g_remat = jax.grad(loss)(params, cfg)
-    g_plain = jax.grad(loss)(params, cfg.replace(remat_policy="none"))
+    grad = jax.jit(jax.grad(loss), static_argnums=1)
+    g_remat = grad(params, cfg)
+    g_plain = grad(params, cfg.replace(remat_policy="none"))
     for a, b in zip(jax.tree.leaves(g_remat), jax.tree.leaves(g_plain)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 

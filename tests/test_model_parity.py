@@ -100,7 +100,7 @@ def test_hf_to_ours(tmp_path, case_idx):
                                          attention_block_kv=16, remat_policy="none")
     assert loaded_cfg.layer_types == cfg.layer_types
     tokens = np.random.default_rng(case_idx).integers(0, cfg.vocab_size, (2, case.seq_len))
-    ours = np.asarray(MiniMaxM1(loaded_cfg).apply({"params": params}, tokens)[0])
+    ours = np.asarray(jax.jit(MiniMaxM1(loaded_cfg).apply)({"params": params}, tokens)[0])
     _assert_matches_transformers(ours, hf_model, tokens)
 
 
@@ -116,7 +116,7 @@ def test_ours_to_hf(tmp_path, case_idx):
     save_checkpoint(str(tmp_path), cfg, params)
     hf_model = transformers.MiniMaxForCausalLM.from_pretrained(str(tmp_path), attn_implementation="eager").eval()
     tokens = np.random.default_rng(100 + case_idx).integers(0, cfg.vocab_size, (2, case.seq_len))
-    ours = np.asarray(MiniMaxM1(cfg).apply({"params": params}, tokens)[0])
+    ours = np.asarray(jax.jit(MiniMaxM1(cfg).apply)({"params": params}, tokens)[0])
     _assert_matches_transformers(ours, hf_model, tokens)
 
 
@@ -139,7 +139,7 @@ def test_transformers_checkpoint_with_any_head_count(tmp_path, heads, kv_heads):
                                          attention_block_kv=16, remat_policy="none")
     assert loaded_cfg.lightning_decay == "transformers"
     tokens = np.random.default_rng(heads).integers(0, cfg.vocab_size, (2, case.seq_len))
-    logits = lambda c, p: np.asarray(MiniMaxM1(c).apply({"params": p}, tokens)[0])  # noqa: E731
+    logits = lambda c, p: np.asarray(jax.jit(MiniMaxM1(c).apply)({"params": p}, tokens)[0])  # noqa: E731
     ref = _hf_logits(hf_model, tokens)
     _assert_matches_transformers(logits(loaded_cfg, params), hf_model, tokens)
     official = _rel_err(logits(loaded_cfg.replace(lightning_decay="official"), params), ref)

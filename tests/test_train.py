@@ -257,7 +257,7 @@ def test_step_gradient_matches_dense_logit_loss(accum, xla_cache):
             aux += extra["moe_aux_loss"] / accum
         return ce / batch["loss_mask"].sum() + cfg.router_aux_loss_coef * aux
 
-    want_loss, want_grads = jax.value_and_grad(dense_loss)(state.params)
+    want_loss, want_grads = jax.jit(jax.value_and_grad(dense_loss))(state.params)
     before = jax.tree.map(np.asarray, state.params)
     step = step_lib.make_train_step(cfg, tx, lambda s: lr, grad_accum_steps=accum)
     new_state, metrics = step(state, batch)
