@@ -54,6 +54,7 @@ def _run(cfg, mesh, batches, steps):
     return out, state
 
 
+@pytest.mark.slow
 def test_2x4_mesh_matches_one_device():
     cfg = get_config("tiny")
     rng = np.random.default_rng(0)

@@ -186,14 +186,18 @@ def test_sigterm_saves_and_resumes(tmp_path, xla_cache):
     proc = subprocess.Popen(common + ["--steps=100000"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=env, cwd=REPO)
     metrics = os.path.join(work, "metrics.jsonl")
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(metrics) and len(open(metrics).read().splitlines()) >= 2:
-            break
-        time.sleep(0.5)
-    assert proc.poll() is None, proc.communicate()[0][-3000:]
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
+    try:  # the run is endless until signalled: never leave it behind
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if os.path.exists(metrics) and len(open(metrics).read().splitlines()) >= 2:
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
     assert proc.returncode == 0, out[-3000:]
     assert "preempted at step" in out
     saved = int(out.split("preempted at step ")[1].split(":")[0])
