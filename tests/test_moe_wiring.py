@@ -36,6 +36,7 @@ def _loss_fn(cfg):
     return jax.jit(jax.value_and_grad(loss, has_aux=True))
 
 
+@pytest.mark.slow
 def test_expert_parallel_model_matches_dropless():
     # One layer group (lightning + softmax) of the tiny model keeps the two compiles fast; a large aux
     # coefficient so the router gradients see the aux loss.

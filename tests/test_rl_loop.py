@@ -257,6 +257,7 @@ def _records(workdir):
     return {rec["step"]: rec for rec in read_metrics(str(workdir))}
 
 
+@pytest.mark.slow
 def test_sampled_accuracy_at_low_temperature_equals_greedy(format_params):
     """avg@k at a near-zero temperature is greedy accuracy (the sampled eval scores what it samples)."""
     cfg = CFG  # initializer_range only matters at init; the same config shares compiles with the loop tests

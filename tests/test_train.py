@@ -232,7 +232,7 @@ def test_nonfinite_step_is_skipped_and_named(xla_cache):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), state.params, before)
 
 
-@pytest.mark.parametrize("accum", [1, 2])
+@pytest.mark.parametrize("accum", [pytest.param(1, marks=pytest.mark.slow), 2])
 def test_step_gradient_matches_dense_logit_loss(accum, xla_cache):
     # SGD makes the parameter change the gradient itself; the reference is the plain mean cross-entropy of
     # the model's dense logits (no chunked head, no custom VJP) plus the aux loss averaged over micro-batches.
