@@ -194,18 +194,18 @@ def test_digit_chain_against_parsed_prompt():
     tok = tokenizer_lib.ByteTokenizer()
     lengths, answers = [], set()
     for ex in _examples(tasks.TASKS["digit_chain"], 200):
-        x0, x1, c, n = map(int, re.fullmatch(r"Chain mod 10: (\d) (\d) plus (\d), (\d+) steps\n", ex.prompt).groups())
-        assert 16 <= n <= 20
+        x0, x1, n = map(int, re.fullmatch(r"Chain mod 10: (\d) (\d), (\d+) steps\n", ex.prompt).groups())
+        assert 20 <= n <= 26
         seq = [x0, x1]  # the whole chain first, then the lines are checked against it
         while len(seq) < n + 2:
-            seq.append((seq[-2] + seq[-1] + c) % 10)
+            seq.append((seq[-2] + seq[-1]) % 10)
         lines = ex.solution.split("\n")
         assert lines[-1] == f"Answer: {seq[-1]}" and ex.answer == str(seq[-1])
-        assert lines[:-1] == [f"{n - k}: {seq[k]}+{seq[k + 1]}+{c}={seq[k] + seq[k + 1] + c}" for k in range(n)]
+        assert lines[:-1] == [f"{n - k}: {seq[k]}+{seq[k + 1]}={seq[k + 2]}" for k in range(n)]
         assert tasks.verify(ex, ex.solution) and not tasks.verify(ex, f"Answer: {(seq[-1] + 1) % 10}")
         lengths.append(len(tok.encode(ex.solution)))
         answers.add(ex.answer)
-    assert min(lengths) >= 190 and max(lengths) <= 270 and len(answers) == 10
+    assert min(lengths) >= 200 and max(lengths) <= 262 and len(answers) == 10
     ex = tasks.digit_chain(np.random.default_rng(1), min_steps=3, max_steps=3)
     assert [line.split(":")[0] for line in ex.solution.split("\n")] == ["3", "2", "1", "Answer"]
     with pytest.raises(ValueError, match="min_steps"):

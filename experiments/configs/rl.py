@@ -4,7 +4,7 @@ python experiments/rl.py --workdir=/tmp/rl
 python experiments/rl.py --config=experiments/configs/rl.py:digit_count --config.rl.algo=dapo \
     --config.rl.dynamic_sampling=True --config.init_checkpoint=/tmp/dc_warm
 python experiments/rl.py --config=experiments/configs/rl.py:addition   # worked solutions of 36-108 tokens
-python experiments/rl.py --config=experiments/configs/rl.py:digit_chain   # 190-260-token chains
+python experiments/rl.py --config=experiments/configs/rl.py:digit_chain   # 200-260-token chains
 
 Sections: `rl` holds every RLConfig field (m1_jax/rl/trainer.py), `loop` every LoopConfig field
 (m1_jax/rl/loop.py; eval_split "auto" = train for mod_sum, whose 100 problems leave no held-out split, else
@@ -57,7 +57,7 @@ def get_config(task: str = "digit_max") -> ml_collections.ConfigDict:
         c.rl.max_prompt_len = 16
         c.warmup.eval_every = 100
         c.optimizer.learning_rate = 1e-4  # 3e-4 collapses the policy within one rollout at mu = 8 (RESULTS)
-    # 190-260-token chains whose every line needs only the line before it: RL at reasoning length on the tiny model
+    # 200-260-token chains whose every line needs only the line before it: RL at reasoning length on the tiny model
     if task == "digit_chain":
         c.rl.max_new_tokens = 272
         c.rl.max_prompt_len = 40

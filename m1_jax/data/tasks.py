@@ -145,26 +145,26 @@ def running_sum(rng: np.random.Generator, *, num_terms: int = 16, modulus: int =
     return Example("running_sum", f"Sum mod {modulus}: {terms}\n", answer, _with_answer(steps, answer))
 
 
-def digit_chain(rng: np.random.Generator, *, min_steps: int = 16, max_steps: int = 20) -> Example:
-    """A chain x[k+1] = (x[k-1] + x[k] + c) mod 10 from two start digits, one line per step, counting down:
-    "17: 3+5+7=15" (RL at reasoning length).
+def digit_chain(rng: np.random.Generator, *, min_steps: int = 20, max_steps: int = 26) -> Example:
+    """The chain x[k+1] = (x[k-1] + x[k]) mod 10 from two start digits, one line per step, counting down:
+    "17: 3+5=8" (RL at reasoning length).
 
-    With 16-20 steps the worked solution is 190-260 tokens (byte vocabulary), graded on the last digit only.
-    Unlike running_sum, every line needs only the line before it (its second digit, the last digit of its sum,
-    the constant and its counter minus one), so a small model can learn the step; the answer is right only if
-    all of the steps are, so one wrong sum (a low-probability "fork" token of a half-trained policy) fails it.
+    With 20-26 steps the worked solution is 200-260 tokens (byte vocabulary), graded on the last digit only.
+    Every line needs only the line before it (its second digit, its sum, its counter minus one) and a 100-entry
+    sum table, so a small model can learn the step (a variant with a third, constant addend, a 1000-entry
+    table, was still at 0.63-0.69 per sum digit after 400 SFT steps: docs/RESULTS.md 6.9b). The answer is right
+    only if every step is, so one wrong sum (a low-probability "fork" token of a half-trained policy) fails it.
     """
     if not 1 <= min_steps <= max_steps <= 99:
         raise ValueError(f"need 1 <= min_steps <= max_steps <= 99, got {min_steps}, {max_steps}")
-    x0, x1, c = (int(v) for v in rng.integers(0, 10, 3))
+    x0, x1 = (int(v) for v in rng.integers(0, 10, 2))
     num_steps = int(rng.integers(min_steps, max_steps + 1))
     steps, (a, b) = [], (x0, x1)
     for k in range(num_steps, 0, -1):
-        s = a + b + c
-        steps.append(f"{k}: {a}+{b}+{c}={s}")
-        a, b = b, s % 10
+        steps.append(f"{k}: {a}+{b}={(a + b) % 10}")
+        a, b = b, (a + b) % 10
     answer = str(b)
-    return Example("digit_chain", f"Chain mod 10: {x0} {x1} plus {c}, {num_steps} steps\n", answer,
+    return Example("digit_chain", f"Chain mod 10: {x0} {x1}, {num_steps} steps\n", answer,
                    _with_answer(steps, answer))
 
 
